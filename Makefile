@@ -1,0 +1,50 @@
+# secretfs: `make demo` (set up + a tour of the embedded store), `make test`, `make bench`.
+# Every target installs what a fresh Debian/Ubuntu machine lacks, so a clean clone needs nothing else.
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps demo test lint bench clean
+
+setup: system-deps $(STAMP)
+
+# Debian packages pyfuse3 needs to build and run, installed only when missing.
+system-deps:
+	@missing=""; \
+	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	command -v pkg-config  >/dev/null 2>&1 || missing="$$missing pkg-config"; \
+	pkg-config --exists fuse3 2>/dev/null  || missing="$$missing libfuse3-dev"; \
+	command -v cc          >/dev/null 2>&1 || missing="$$missing gcc"; \
+	command -v getfattr    >/dev/null 2>&1 || missing="$$missing attr"; \
+	$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+	                                       || missing="$$missing python3-dev"; \
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+demo: setup
+	@PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
+
+lint: setup
+	$(BIN)/ruff check secretfs injector tests benchmarks
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/cli.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .hypothesis .ruff_cache *.egg-info

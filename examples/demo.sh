@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A two-minute tour of secretfs on a throw-away embedded store in .demo/ (run by `make demo`).
+# The example values are generated here and exist only in .demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+demo="$PWD/.demo"
+rm -rf "$demo"
+mkdir -m 700 "$demo"
+cat > "$demo/config.yaml" <<'YAML'
+# Paths are relative to this file's folder.
+secrets_manager:
+  backend: { type: local, path: store.db }
+  encryption: { provider: file, key_file: master.key }
+  audit: { path: audit.log }
+YAML
+export SECRETFS_CONFIG="$demo/config.yaml"
+
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+step secretfs init
+step secretfs secrets put db_password --generate --length 24 \
+     --description "Database password" --tag environment=demo --tag service=database \
+     --rotate-every 90d --overlap 1h
+head -c 18 /dev/urandom | base64 | secretfs secrets put api_keys/stripe --stdin --description "Stripe API key" >/dev/null
+step secretfs secrets put api_keys/github --key user=demo-bot --key token="$(head -c 15 /dev/urandom | base64)"
+step secretfs secrets put db_password --generate --length 24
+step secretfs secrets list
+step secretfs secrets info db_password
+step secretfs secrets versions db_password
+printf '\n\033[1m$ secretfs secrets get db_password/latest | wc -c\033[0m\n'
+secretfs secrets get db_password/latest | wc -c
+printf '\n\033[1m$ secretfs secrets get secretfs://api_keys/github/latest/user\033[0m\n'
+secretfs secrets get secretfs://api_keys/github/latest/user; echo
+printf '\n\033[1m$ secretfs secrets get db_pasword   # a typo\033[0m\n'
+secretfs secrets get db_pasword || echo "(exit code $?)"
+printf '\nThe store is %s; nothing in it is plaintext:\n' "$demo/store.db"
+value=$(secretfs secrets get db_password)
+if grep -rqaF -- "$value" "$demo"; then echo "FOUND PLAINTEXT"; exit 1; else echo "grep for the current value in .demo/: no match"; fi
+printf '\nTry it yourself:  export SECRETFS_CONFIG=%s\n' "$SECRETFS_CONFIG"

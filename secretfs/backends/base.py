@@ -1,0 +1,96 @@
+"""The Backend protocol: what the manager needs from a place that keeps secrets.
+
+A backend stores versions and their plaintext values as the manager hands them over; how it
+protects them at rest is its own business (the local backend seals each version under a data key,
+OpenBao and AWS encrypt server-side). Methods are blocking: the async manager runs them in a
+worker thread, and the CLI calls them directly without an event loop.
+
+Semantics every backend keeps (the conformance tests check them):
+
+- versions are numbered from 1, never reused, never changed once written;
+- writing a version labelled ``current`` moves ``previous`` to the old current version;
+- ``cas`` (check-and-set) makes a write fail with ConflictError unless the current version is
+  the one given (0: unless the secret does not exist yet);
+- a soft-deleted secret or version is hidden from reads and listings until undeleted; destroying
+  erases the value for good;
+- only the newest ``max_versions`` versions are kept, plus any a label points at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from secretfs.model import Label, RotationPolicy, SecretMetadata, Value
+
+
+@dataclass(frozen=True)
+class MetadataUpdate:
+    """Metadata to set along with (or without) a new version; None fields are left as they are."""
+
+    description: str | None = None
+    tags: Mapping[str, str] | None = None
+    rotation: RotationPolicy | None = None
+    clear_rotation: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.description is None
+            and self.tags is None
+            and self.rotation is None
+            and not self.clear_rotation
+        )
+
+
+class Backend(Protocol):
+    """A store of versioned secrets. Every method may raise BackendUnavailable."""
+
+    kind: str  # "local", "openbao", …: shown by `info` and `doctor`
+
+    def write_version(
+        self,
+        name: str,
+        value: Value,
+        *,
+        label: Label = Label.CURRENT,
+        cas: int | None = None,
+        metadata: MetadataUpdate | None = None,
+    ) -> int:
+        """Store *value* as a new version of *name* (created if needed); return its number."""
+        ...
+
+    def update_metadata(self, name: str, metadata: MetadataUpdate) -> None:
+        """Change description, tags or rotation policy without a new version."""
+        ...
+
+    def read_metadata(self, name: str) -> SecretMetadata:
+        """Everything about *name* but its values. SecretNotFound if absent or deleted."""
+        ...
+
+    def list(self, prefix: str = "") -> list[SecretMetadata]:
+        """Metadata of every live secret whose name starts with *prefix*, sorted by name."""
+        ...
+
+    def read_value(self, name: str, version: int) -> Value:
+        """The value of one version. VersionNotFound if absent, deleted or destroyed."""
+        ...
+
+    def delete(self, name: str, version: int | None = None) -> None:
+        """Soft-delete the whole secret, or one version of it."""
+        ...
+
+    def undelete(self, name: str, version: int | None = None) -> None:
+        """Bring back what delete hid."""
+        ...
+
+    def destroy(self, name: str, version: int | None = None) -> None:
+        """Erase one version's value for good, or the whole secret with all its versions."""
+        ...
+
+    def change_counter(self) -> int:
+        """A number that changes whenever any secret may have changed (cheap to call)."""
+        ...
+
+    def close(self) -> None: ...

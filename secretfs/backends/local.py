@@ -1,0 +1,500 @@
+"""The embedded default backend: one SQLite file, every version sealed under its own data key.
+
+Durability: WAL journal with ``synchronous=FULL`` (the WAL is fsynced on every commit), one
+transaction per write, ``BEGIN IMMEDIATE`` so concurrent writers from several processes queue
+instead of failing. ``secure_delete`` overwrites freed pages, so a destroyed or pruned version
+leaves no ciphertext behind. The file and its WAL are created 0600 in a 0700 folder.
+
+Confidentiality: a version's value is sealed with AES-256-GCM (crypto/envelope.py), the name and
+version bound in as associated data; the store holds only ciphertext, wrapped data keys and
+metadata (names, tags, key names of map values, timestamps).
+
+One connection per backend object, guarded by a lock: the daemon calls in from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+
+from secretfs.backends.base import MetadataUpdate
+from secretfs.crypto.envelope import SealedValue, associated_data, open_sealed, seal
+from secretfs.crypto.keys import MasterKey
+from secretfs.errors import (
+    ConflictError,
+    InvalidName,
+    SecretNotFound,
+    StoreError,
+    VersionNotFound,
+    WrongMasterKey,
+)
+from secretfs.model import (
+    Label,
+    RotationPolicy,
+    SecretMetadata,
+    Value,
+    VersionInfo,
+    decode_value,
+    encode_value,
+    parent_folders,
+    value_keys,
+)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE store_info (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE secrets (
+    name         TEXT PRIMARY KEY,
+    description  TEXT NOT NULL DEFAULT '',
+    tags         TEXT NOT NULL DEFAULT '{}',   -- JSON object
+    rotation     TEXT,                         -- JSON RotationPolicy, or NULL
+    created      REAL NOT NULL,
+    updated      REAL NOT NULL,
+    next_version INTEGER NOT NULL DEFAULT 1,   -- version numbers are never reused
+    deleted      REAL                          -- soft-deleted at, or NULL
+);
+CREATE TABLE versions (
+    name        TEXT NOT NULL REFERENCES secrets(name) ON DELETE CASCADE,
+    version     INTEGER NOT NULL,
+    created     REAL NOT NULL,
+    is_map      INTEGER NOT NULL,
+    keys        TEXT NOT NULL,                 -- JSON list of key names (not secret)
+    key_id      TEXT,                          -- master key that wrapped the data key
+    wrapped_key BLOB,                          -- NULL once destroyed
+    nonce       BLOB,
+    ciphertext  BLOB,
+    deleted     REAL,
+    destroyed   REAL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE labels (
+    name    TEXT NOT NULL REFERENCES secrets(name) ON DELETE CASCADE,
+    label   TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (name, label)
+);
+"""
+
+
+def _when(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """Bounds such that ``low <= name < high`` selects the names starting with *prefix*."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class LocalBackend:
+    """Versioned secrets in one SQLite file, sealed by a master key."""
+
+    kind = "local"
+
+    def __init__(self, connection: sqlite3.Connection, path: Path, master_key: MasterKey,
+                 max_versions: int) -> None:
+        self._db = connection
+        self._lock = threading.Lock()
+        self.path = path
+        self._master_key = master_key
+        self.max_versions = max_versions
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, master_key: MasterKey, *, create: bool = False,
+             max_versions: int = 10) -> LocalBackend:
+        """Open the store at *path*; with *create*, make it (and its folder) if missing."""
+        path = Path(path)
+        exists = path.exists()
+        if not exists and not create:
+            raise StoreError(f"no secretfs store at {path}", "run 'secretfs init' to create it")
+        if not exists:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Create the file 0600 ourselves: SQLite gives its WAL the same mode. Another
+            # process may have created it first.
+            with suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            connection = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                check_same_thread=False,
+            )
+            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA secure_delete=ON")
+            connection.execute("PRAGMA foreign_keys=ON")
+            backend = cls(connection, path, master_key, max_versions)
+            backend._ensure_schema(create)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(
+                f"cannot open the store {path}: {error}",
+                "check the file is a secretfs store and restore it from a backup if it is damaged",
+            ) from None
+        return backend
+
+    def _ensure_schema(self, create: bool) -> None:
+        with self._write() as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            if "store_info" not in tables:
+                if tables or not create:
+                    raise StoreError(f"{self.path} is not a secretfs store")
+                for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT
+                    if statement.strip():
+                        db.execute(statement)
+                db.executemany(
+                    "INSERT INTO store_info VALUES (?, ?)",
+                    [("schema_version", str(SCHEMA_VERSION)),
+                     ("master_key_id", self._master_key.key_id),
+                     ("created", datetime.now(UTC).isoformat())],
+                )
+            info = dict(db.execute("SELECT key, value FROM store_info"))
+        if int(info["schema_version"]) > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path} has schema version {info['schema_version']}, newer than this "
+                f"secretfs understands ({SCHEMA_VERSION})", "upgrade secretfs",
+            )
+        self.store_key_id = info["master_key_id"]
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before any read so concurrent writers serialize."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for multi-statement reads."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write_version(self, name: str, value: Value, *, label: Label = Label.CURRENT,
+                      cas: int | None = None, metadata: MetadataUpdate | None = None) -> int:
+        if self._master_key.key_id != self.store_key_id:
+            raise WrongMasterKey(
+                f"store {self.path} is sealed by master key '{self.store_key_id}', "
+                f"but the configured master key is '{self._master_key.key_id}'",
+                "point encryption.key_file (or the provider) at the key that created this store",
+            )
+        now = time.time()
+        payload = encode_value(value)
+        with self._write() as db:
+            row = db.execute(
+                "SELECT next_version, deleted FROM secrets WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                self._check_folder_conflict(db, name)
+                if cas not in (None, 0):
+                    raise ConflictError(
+                        f"check-and-set failed: secret {name!r} does not exist, "
+                        f"expected version {cas}", "use --cas 0 to create it",
+                    )
+                db.execute(
+                    "INSERT INTO secrets (name, created, updated) VALUES (?, ?, ?)",
+                    (name, now, now),
+                )
+                version = 1
+            else:
+                version, deleted = row
+                if deleted is not None:
+                    raise ConflictError(
+                        f"secret {name!r} is deleted",
+                        f"undelete it with 'secretfs secrets undelete {name}', or remove it for "
+                        f"good with 'secretfs secrets rm {name} --destroy'",
+                    )
+                labels = self._labels(db, name)
+                current = labels.get(Label.CURRENT)
+                if cas is not None and cas != (current or 0):
+                    raise ConflictError(
+                        f"check-and-set failed: current version of {name!r} is {current}, "
+                        f"not {cas}", "read it again and retry with the new version",
+                    )
+            sealed = seal(self._master_key, payload, associated_data(name, version))
+            db.execute(
+                "INSERT INTO versions (name, version, created, is_map, keys, key_id, "
+                "wrapped_key, nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, now, not isinstance(value, bytes),
+                 json.dumps(value_keys(value)), sealed.key_id, sealed.wrapped_key,
+                 sealed.nonce, sealed.ciphertext),
+            )
+            db.execute(
+                "UPDATE secrets SET next_version = ?, updated = ? WHERE name = ?",
+                (version + 1, now, name),
+            )
+            if label is Label.CURRENT:
+                old = db.execute(
+                    "SELECT version FROM labels WHERE name = ? AND label = 'current'", (name,)
+                ).fetchone()
+                if old is not None:
+                    self._set_label(db, name, Label.PREVIOUS, old[0])
+            self._set_label(db, name, label, version)
+            if metadata is not None:
+                self._apply_metadata(db, name, metadata)
+            self._prune(db, name)
+        return version
+
+    @staticmethod
+    def _check_folder_conflict(db: sqlite3.Connection, name: str) -> None:
+        """A name may not be a folder of another name, nor have another name as its folder."""
+        folders = parent_folders(name)
+        low, high = _prefix_range(name + "/")
+        clash = db.execute(
+            f"SELECT name FROM secrets WHERE name IN ({','.join('?' * len(folders))}) "
+            "OR (name >= ? AND name < ?) LIMIT 1",
+            (*folders, low, high),
+        ).fetchone()
+        if clash is not None:
+            other = clash[0]
+            relation = "a folder of" if other.startswith(name + "/") else "inside"
+            raise InvalidName(
+                f"cannot create {name!r}: it would be {relation} the existing secret {other!r}",
+                "a name cannot be both a secret and a folder; choose another name",
+            )
+
+    @staticmethod
+    def _set_label(db: sqlite3.Connection, name: str, label: Label, version: int) -> None:
+        db.execute(
+            "INSERT INTO labels (name, label, version) VALUES (?, ?, ?) "
+            "ON CONFLICT (name, label) DO UPDATE SET version = excluded.version",
+            (name, label.value, version),
+        )
+
+    def _prune(self, db: sqlite3.Connection, name: str) -> None:
+        """Drop the oldest versions beyond max_versions, except those a label points at."""
+        db.execute(
+            "DELETE FROM versions WHERE name = ? AND version NOT IN "
+            "(SELECT version FROM labels WHERE name = ?) AND version NOT IN "
+            "(SELECT version FROM versions WHERE name = ? ORDER BY version DESC LIMIT ?)",
+            (name, name, name, self.max_versions),
+        )
+
+    def update_metadata(self, name: str, metadata: MetadataUpdate) -> None:
+        with self._write() as db:
+            self._live_secret(db, name)
+            self._apply_metadata(db, name, metadata)
+
+    @staticmethod
+    def _apply_metadata(db: sqlite3.Connection, name: str, metadata: MetadataUpdate) -> None:
+        changes: dict[str, object] = {"updated": time.time()}
+        if metadata.description is not None:
+            changes["description"] = metadata.description
+        if metadata.tags is not None:
+            changes["tags"] = json.dumps(dict(metadata.tags), sort_keys=True)
+        if metadata.rotation is not None:
+            changes["rotation"] = json.dumps(metadata.rotation.to_json())
+        elif metadata.clear_rotation:
+            changes["rotation"] = None
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        db.execute(f"UPDATE secrets SET {assignments} WHERE name = ?", (*changes.values(), name))
+
+    # -- deleting -----------------------------------------------------------------------------
+
+    def delete(self, name: str, version: int | None = None) -> None:
+        self._mark(name, version, "deleted", time.time())
+
+    def undelete(self, name: str, version: int | None = None) -> None:
+        with self._write() as db:
+            if version is None:
+                found = db.execute(
+                    "UPDATE secrets SET deleted = NULL WHERE name = ?", (name,)
+                ).rowcount
+                if not found:
+                    raise SecretNotFound(f"secret {name!r} not found")
+            else:
+                self._live_secret(db, name)
+                self._version_row(db, name, version)
+                db.execute(
+                    "UPDATE versions SET deleted = NULL WHERE name = ? AND version = ?",
+                    (name, version),
+                )
+
+    def destroy(self, name: str, version: int | None = None) -> None:
+        with self._write() as db:
+            if version is None:
+                if not db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount:
+                    raise SecretNotFound(f"secret {name!r} not found")
+                return
+            self._version_row(db, name, version, include_deleted=True)
+            db.execute(
+                "UPDATE versions SET wrapped_key = NULL, nonce = NULL, ciphertext = NULL, "
+                "key_id = NULL, destroyed = ? WHERE name = ? AND version = ?",
+                (time.time(), name, version),
+            )
+
+    def _mark(self, name: str, version: int | None, column: str, when: float) -> None:
+        with self._write() as db:
+            self._live_secret(db, name)
+            if version is None:
+                db.execute(f"UPDATE secrets SET {column} = ? WHERE name = ?", (when, name))
+            else:
+                self._version_row(db, name, version)
+                db.execute(
+                    f"UPDATE versions SET {column} = ? WHERE name = ? AND version = ?",
+                    (when, name, version),
+                )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read_metadata(self, name: str) -> SecretMetadata:
+        with self._read() as db:
+            row = self._live_secret(db, name)
+            return self._metadata(name, row, self._labels(db, name), self._versions(db, name))
+
+    def list(self, prefix: str = "") -> list[SecretMetadata]:
+        where, arguments = "deleted IS NULL", ()
+        if prefix:
+            where += " AND name >= ? AND name < ?"
+            arguments = _prefix_range(prefix)
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT name, description, tags, rotation, created, updated, deleted "
+                f"FROM secrets WHERE {where} ORDER BY name", arguments,
+            ).fetchall()
+            labels: dict[str, dict[Label, int]] = {}
+            for name, label, version in db.execute(
+                f"SELECT name, label, version FROM labels WHERE name IN "
+                f"(SELECT name FROM secrets WHERE {where})", arguments,
+            ):
+                labels.setdefault(name, {})[Label(label)] = version
+            versions: dict[str, list[VersionInfo]] = {}
+            for row in db.execute(
+                "SELECT name, version, created, is_map, keys, deleted, destroyed FROM versions "
+                f"WHERE name IN (SELECT name FROM secrets WHERE {where}) ORDER BY name, version",
+                arguments,
+            ):
+                versions.setdefault(row[0], []).append(self._version_info(row[1:]))
+        return [
+            self._metadata(row[0], row[1:], labels.get(row[0], {}), versions.get(row[0], []))
+            for row in rows
+        ]
+
+    def read_value(self, name: str, version: int) -> Value:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT s.deleted, v.version, v.is_map, v.key_id, v.wrapped_key, v.nonce, "
+                "v.ciphertext, v.deleted, v.destroyed FROM secrets s LEFT JOIN versions v "
+                "ON v.name = s.name AND v.version = ? WHERE s.name = ?", (version, name),
+            ).fetchone()
+        if row is None:
+            raise SecretNotFound(f"secret {name!r} not found")
+        if row[0] is not None:
+            raise SecretNotFound(*self._deleted_hint(name))
+        if row[1] is None:
+            raise VersionNotFound(f"secret {name!r} has no version {version}")
+        _, _, is_map, key_id, wrapped_key, nonce, ciphertext, deleted, destroyed = row
+        if destroyed is not None:
+            raise VersionNotFound(f"version {version} of {name!r} was destroyed")
+        if deleted is not None:
+            raise VersionNotFound(
+                f"version {version} of {name!r} is deleted",
+                f"undelete it with 'secretfs secrets undelete {name} --version {version}'",
+            )
+        payload = open_sealed(
+            self._master_key,
+            SealedValue(key_id, wrapped_key, nonce, ciphertext),
+            associated_data(name, version),
+            what=f"version {version} of {name!r}",
+        )
+        return decode_value(payload, bool(is_map))
+
+    def change_counter(self) -> int:
+        """SQLite's data_version: changes when another connection commits to the file."""
+        with self._lock:
+            return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _deleted_hint(name: str) -> tuple[str, str]:
+        return (f"secret {name!r} is deleted",
+                f"restore it with 'secretfs secrets undelete {name}'")
+
+    def _live_secret(self, db: sqlite3.Connection, name: str) -> tuple:
+        row = db.execute(
+            "SELECT description, tags, rotation, created, updated, deleted "
+            "FROM secrets WHERE name = ?", (name,),
+        ).fetchone()
+        if row is None:
+            raise SecretNotFound(f"secret {name!r} not found")
+        if row[5] is not None:
+            raise SecretNotFound(*self._deleted_hint(name))
+        return row
+
+    @staticmethod
+    def _version_row(db: sqlite3.Connection, name: str, version: int,
+                     include_deleted: bool = False) -> tuple:
+        row = db.execute(
+            "SELECT destroyed FROM versions WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        if row is None:
+            raise VersionNotFound(f"secret {name!r} has no version {version}")
+        if row[0] is not None and not include_deleted:
+            raise VersionNotFound(f"version {version} of {name!r} was destroyed")
+        return row
+
+    @staticmethod
+    def _labels(db: sqlite3.Connection, name: str) -> dict[Label, int]:
+        return {
+            Label(label): version
+            for label, version in db.execute(
+                "SELECT label, version FROM labels WHERE name = ?", (name,)
+            )
+        }
+
+    def _versions(self, db: sqlite3.Connection, name: str) -> list[VersionInfo]:
+        return [
+            self._version_info(row)
+            for row in db.execute(
+                "SELECT version, created, is_map, keys, deleted, destroyed FROM versions "
+                "WHERE name = ? ORDER BY version", (name,),
+            )
+        ]
+
+    @staticmethod
+    def _version_info(row: tuple) -> VersionInfo:
+        version, created, is_map, keys, deleted, destroyed = row
+        return VersionInfo(
+            version=version, created=_when(created), keys=tuple(json.loads(keys)),
+            is_map=bool(is_map), deleted=deleted is not None, destroyed=destroyed is not None,
+        )
+
+    @staticmethod
+    def _metadata(name: str, row: tuple, labels: Mapping[Label, int],
+                  versions: list[VersionInfo]) -> SecretMetadata:
+        description, tags, rotation, created, updated, deleted = row
+        return SecretMetadata(
+            name=name, description=description, tags=json.loads(tags),
+            created=_when(created), updated=_when(updated), labels=dict(labels),
+            versions=tuple(versions),
+            rotation=RotationPolicy.from_json(json.loads(rotation)) if rotation else None,
+            deleted=deleted is not None,
+        )
+

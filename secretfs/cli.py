@@ -1,0 +1,492 @@
+"""The ``secretfs`` command (CONTRACT.md is its specification).
+
+Start-up time is part of the interface: scripts call ``secretfs secrets get`` in loops. So this
+module imports only argparse at the top; each command imports what it uses when it runs, and
+nothing on the ``get``/``list`` paths imports trio, pyfuse3, keyring or croniter.
+
+Every failure a user can cause ends as one line, ``secretfs: <what> (<fix>)``, and the exit code
+of CONTRACT.md. A traceback means a bug, and is shown only with SECRETFS_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from secretfs.config import Config
+    from secretfs.manager import SyncSecretsManager
+    from secretfs.model import SecretMetadata
+
+USAGE_EXIT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            # argparse would echo them, and one may be a value: never print it.
+            message = ("unrecognized arguments (a value that starts with '-' goes after '--': "
+                       "secretfs secrets put NAME -- VALUE)")
+        self.exit(USAGE_EXIT, f"secretfs: {message} (see '{self.prog} --help')\n")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from secretfs.config import load_config
+
+    return load_config(args.config)
+
+
+def _manager(args: argparse.Namespace) -> SyncSecretsManager:
+    from secretfs.manager import SyncSecretsManager
+
+    return SyncSecretsManager.from_config(_config(args))
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str] | None:
+    """``["k=v", …]`` from a repeated ``--flag K=V`` option, as a dict (None if not given)."""
+    if not items:
+        return None
+    from secretfs.errors import UsageError
+
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item.split('=')[0]!r}…")
+        pairs[key] = value
+    return pairs
+
+
+def _print_json(document: Any) -> None:
+    import json
+
+    print(json.dumps(document, indent=2, sort_keys=True, default=str))
+
+
+def _write_value(data: bytes) -> None:
+    """Exactly the stored bytes; a newline only for a human at a terminal."""
+    out = sys.stdout.buffer
+    out.write(data)
+    if sys.stdout.isatty() and not data.endswith(b"\n"):
+        out.write(b"\n")
+    out.flush()
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z") if moment else "-"
+
+
+# -- init -------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from secretfs.manager import SyncSecretsManager
+
+    config = _config(args)
+    settings = config.manager
+    store_path = settings.backend.path
+    existed = settings.backend.type == "local" and store_path.exists()
+    with SyncSecretsManager.from_config(config, create=True) as manager:
+        backend = manager.backend
+        if settings.backend.type != "local":
+            print(f"backend {backend.kind} reachable; nothing to create")
+        elif existed:
+            print(f"store already initialised at {store_path}")
+        else:
+            print(f"created store {store_path}")
+            print(f"master key: {settings.encryption.key_file} "
+                  f"({settings.encryption.provider} provider, id {backend.store_key_id})")
+            print("back the master key up: without it the store cannot be read")
+    return 0
+
+
+# -- secrets put ------------------------------------------------------------------------------
+
+
+def _value_from_args(args: argparse.Namespace) -> Any:
+    """The value the flags describe, or None when only metadata is being changed."""
+    from secretfs.errors import UsageError
+
+    sources = [
+        name for name, given in (
+            ("VALUE", args.value is not None), ("--from-file", args.from_file is not None),
+            ("--stdin", args.stdin), ("--key", bool(args.key)), ("--generate", args.generate),
+        ) if given
+    ]
+    if len(sources) > 1:
+        raise UsageError(f"give the value one way, not {' and '.join(sources)}")
+    if args.json_value and (args.key or args.generate):
+        raise UsageError("--json-value applies to VALUE, --from-file or --stdin")
+    if args.generate:
+        from secretfs.rotation.generate import generate
+
+        return generate(_generator(args))
+    if args.key:
+        return _pairs(args.key, "--key")
+    if args.value is not None:
+        raw: bytes = args.value.encode()
+    elif args.from_file is not None:
+        raw = _read_file(args.from_file)
+    elif args.stdin:
+        raw = sys.stdin.buffer.read()
+        if raw.endswith(b"\n"):  # `echo pw | …` must store pw; exact bytes: use --from-file
+            raw = raw[:-1]
+    else:
+        return None
+    if args.json_value:
+        return _json_object(raw)
+    return raw
+
+
+def _read_file(path: str) -> bytes:
+    from secretfs.errors import UsageError
+    from secretfs.model import MAX_VALUE_BYTES
+
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_VALUE_BYTES + 1)
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    return data
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    import json
+
+    from secretfs.errors import UsageError
+
+    try:
+        document = json.loads(raw)
+    except ValueError as error:
+        raise UsageError(f"--json-value: not valid JSON ({error.msg} at line {error.lineno})"
+                         ) from None
+    if not isinstance(document, dict):
+        raise UsageError("--json-value: expected a JSON object of keys to values")
+    return document
+
+
+def _generator(args: argparse.Namespace) -> Any:
+    from secretfs.model import GeneratorSpec
+    from secretfs.rotation.generate import check_spec
+
+    return check_spec(GeneratorSpec(length=args.length, charset=args.charset))
+
+
+def _rotation_from_args(args: argparse.Namespace) -> Any:
+    """A RotationPolicy when any rotation flag is given, else None (keep the stored one)."""
+    from secretfs.errors import UsageError
+    from secretfs.model import RotationPolicy, parse_duration
+
+    flags = (args.rotate_every, args.rotate_schedule, args.overlap, args.set_cmd,
+             args.validate_cmd)
+    if all(flag is None for flag in flags):
+        return None
+    if args.rotate_every and args.rotate_schedule:
+        raise UsageError("give --rotate-every or --rotate-schedule, not both")
+
+    def duration(flag: str, text: str | None) -> float | None:
+        if text is None:
+            return None
+        try:
+            return parse_duration(text)
+        except ValueError as error:
+            raise UsageError(f"{flag}: {error}") from None
+
+    schedule = args.rotate_schedule
+    if schedule is not None:
+        from secretfs.rotation.schedule import check_schedule
+
+        check_schedule(schedule)
+    return RotationPolicy(
+        interval=duration("--rotate-every", args.rotate_every), schedule=schedule,
+        overlap=duration("--overlap", args.overlap), generator=_generator(args),
+        set_cmd=args.set_cmd, validate_cmd=args.validate_cmd,
+    )
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    from secretfs.errors import UsageError
+    from secretfs.model import Secret, validate_name
+
+    name = validate_name(args.name)
+    value = _value_from_args(args)
+    tags = _pairs(args.tag, "--tag")
+    rotation = _rotation_from_args(args)
+    with _manager(args) as manager:
+        if value is None:
+            if args.description is None and tags is None and rotation is None:
+                raise UsageError(
+                    "no value given", "pass VALUE, --from-file F, --stdin, --key K=V or --generate"
+                )
+            manager.update_metadata(name, description=args.description, tags=tags,
+                                    rotation=rotation)
+            result = {"name": name, "version": None}
+            message = f"{name}: metadata updated (no new version)"
+        else:
+            version = manager.store(
+                Secret(name, value, args.description, tags, rotation), cas=args.cas
+            )
+            result = {"name": name, "version": version}
+            message = f"{name}: version {version}"
+    if args.json:
+        _print_json(result)
+    else:
+        print(message)
+    return 0
+
+
+# -- secrets get / list / info / versions ------------------------------------------------------
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        _write_value(manager.read(args.ref))
+    return 0
+
+
+def _summary(metadata: SecretMetadata) -> dict[str, Any]:
+    return {
+        "name": metadata.name,
+        "description": metadata.description,
+        "tags": dict(metadata.tags),
+        "current_version": metadata.current_version,
+        "versions": len(metadata.versions),
+        "updated": metadata.updated.isoformat() if metadata.updated else None,
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        found = manager.list(args.prefix or "")
+    if args.json:
+        _print_json([_summary(metadata) for metadata in found])
+    else:
+        sys.stdout.write("".join(f"{metadata.name}\n" for metadata in found))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from secretfs.model import format_duration
+
+    with _manager(args) as manager:
+        metadata = manager.info(args.name)
+        backend = manager.backend.kind
+    document = metadata.to_json()
+    current = metadata.version_info(metadata.current_version or 0)
+    next_due = None
+    if metadata.rotation and current:
+        from secretfs.rotation.schedule import next_rotation
+
+        next_due = next_rotation(metadata.rotation, current.created)
+    document["next_rotation"] = next_due.isoformat() if next_due else None
+    document["backend"] = backend
+    if args.json:
+        _print_json(document)
+        return 0
+    labels = ", ".join(f"{label.value} → {version}"
+                       for label, version in sorted(metadata.labels.items()))
+    rows = [
+        ("name", metadata.name),
+        ("description", metadata.description or "-"),
+        ("tags", ", ".join(f"{k}={v}" for k, v in sorted(metadata.tags.items())) or "-"),
+        ("type", (f"{'map' if current.is_map else 'single value'} "
+                  f"(keys: {', '.join(current.keys)})") if current else "-"),
+        ("versions", ", ".join(str(v.version) for v in metadata.versions) or "-"),
+        ("labels", labels or "-"),
+        ("created", _when(metadata.created)),
+        ("updated", _when(metadata.updated)),
+        ("backend", backend),
+    ]
+    policy = metadata.rotation
+    if policy is not None:
+        every = (f"every {format_duration(policy.interval)}" if policy.interval
+                 else f"schedule '{policy.schedule}'" if policy.schedule else "manual")
+        extra = f", overlap {format_duration(policy.overlap)}" if policy.overlap else ""
+        generator = f", {policy.generator.length} × {policy.generator.charset}"
+        rows.append(("rotation", every + extra + generator
+                     + ("" if policy.enabled else " (disabled)")))
+        rows.append(("next rotation", _when(next_due)))
+    else:
+        rows.append(("rotation", "none"))
+    width = max(len(key) for key, _ in rows) + 2
+    for key, value in rows:
+        print(f"{key + ':':<{width}}{value}")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        metadata = manager.info(args.name)
+    if args.json:
+        _print_json([info.to_json() for info in metadata.versions])
+        return 0
+    labels_of: dict[int, list[str]] = {}
+    for label, version in sorted(metadata.labels.items()):
+        labels_of.setdefault(version, []).append(label.value)
+    print(f"{'VERSION':<8}  {'CREATED':<23}  {'STATE':<9}  {'KEYS':<20}  LABELS")
+    for info in metadata.versions:
+        state = "destroyed" if info.destroyed else "deleted" if info.deleted else "active"
+        keys = ",".join(info.keys)
+        print(f"{info.version:<8}  {_when(info.created):<23}  {state:<9}  {keys:<20}  "
+              f"{','.join(labels_of.get(info.version, [])) or '-'}")
+    return 0
+
+
+# -- secrets rm / undelete --------------------------------------------------------------------
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        manager.delete(args.name, version=args.version, destroy=args.destroy)
+    what = f"version {args.version} of {args.name}" if args.version else args.name
+    if args.destroy:
+        print(f"{what}: destroyed")
+    else:
+        again = f" --version {args.version}" if args.version else ""
+        print(f"{what}: deleted (undo with 'secretfs secrets undelete {args.name}{again}')")
+    return 0
+
+
+def cmd_undelete(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        manager.undelete(args.name, version=args.version)
+    print(f"{f'version {args.version} of ' if args.version else ''}{args.name}: restored")
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a version number from 1, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help="config file (default: $SECRETFS_CONFIG, then the standard places)")
+    parser = _Parser(
+        prog="secretfs", parents=[common],
+        description="Secrets as files and environment variables: encrypted, versioned, audited.",
+    )
+    from secretfs import __version__
+
+    parser.add_argument("--version", action="version", version=f"secretfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+
+    def command(group: Any, name: str, handler: Callable[[argparse.Namespace], int],
+                help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command(commands, "init", cmd_init, "create the embedded store and master key (idempotent)")
+
+    secrets = commands.add_parser("secrets", help="store, read, list and remove secrets")
+    verbs = secrets.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                   parser_class=_Parser)
+
+    put = command(verbs, "put", cmd_put, "store a new version of a secret")
+    put.add_argument("name", metavar="NAME")
+    put.add_argument("value", metavar="VALUE", nargs="?",
+                     help="the value (visible in `ps`: prefer --stdin or --from-file)")
+    put.add_argument("--from-file", metavar="F", help="read the value from file F, byte-exact")
+    put.add_argument("--stdin", action="store_true",
+                     help="read the value from standard input (one trailing newline dropped)")
+    put.add_argument("--key", action="append", metavar="K=V",
+                     help="a key of a map-valued secret (repeat for more keys)")
+    put.add_argument("--json-value", action="store_true",
+                     help="the value is a JSON object: store it as a map-valued secret")
+    put.add_argument("--generate", action="store_true", help="generate a random value")
+    put.add_argument("--length", type=_count, default=32, metavar="N",
+                     help="generated length (default 32)")
+    put.add_argument("--charset", default="alnum",
+                     choices=["alnum", "alpha", "numeric", "hex", "symbols", "base64"],
+                     help="generated characters (default alnum)")
+    put.add_argument("--description", metavar="D")
+    put.add_argument("--tag", action="append", metavar="K=V", help="a tag (repeat for more)")
+    put.add_argument("--cas", type=_count, metavar="VERSION",
+                     help="check-and-set: fail unless the current version is VERSION "
+                          "(0: unless the secret is new)")
+    put.add_argument("--rotate-every", metavar="DURATION", help="rotation interval, e.g. 90d")
+    put.add_argument("--rotate-schedule", metavar="CRON",
+                     help="rotation schedule, e.g. '0 0 * * *'")
+    put.add_argument("--overlap", metavar="DURATION",
+                     help="how long the old value stays readable as 'previous' after a rotation")
+    put.add_argument("--set-cmd", metavar="CMD",
+                     help="rotation hook that applies the new value (gets it on stdin)")
+    put.add_argument("--validate-cmd", metavar="CMD",
+                     help="rotation hook that checks the new value works (gets it on stdin)")
+    put.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    get = command(verbs, "get", cmd_get, "print a secret's value")
+    get.add_argument("ref", metavar="REF",
+                     help="name[/version[/key]] or secretfs://name[/version[/key]]")
+
+    listing = command(verbs, "list", cmd_list, "list secret names")
+    listing.add_argument("--prefix", metavar="P", help="only names starting with P")
+    listing.add_argument("--json", action="store_true", help="print metadata as JSON")
+
+    info = command(verbs, "info", cmd_info, "show a secret's metadata (never its value)")
+    info.add_argument("name", metavar="NAME")
+    info.add_argument("--json", action="store_true")
+
+    versions = command(verbs, "versions", cmd_versions, "list a secret's versions")
+    versions.add_argument("name", metavar="NAME")
+    versions.add_argument("--json", action="store_true")
+
+    rm = command(verbs, "rm", cmd_rm,
+                 "delete a secret or one version (recoverable), or destroy it for good")
+    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("--version", type=_positive, metavar="V", help="only this version")
+    rm.add_argument("--destroy", action="store_true",
+                    help="erase the value(s) for good instead of a recoverable delete")
+
+    undelete = command(verbs, "undelete", cmd_undelete, "restore what 'rm' deleted")
+    undelete.add_argument("name", metavar="NAME")
+    undelete.add_argument("--version", type=_positive, metavar="V", help="only this version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from secretfs.errors import SecretfsError
+
+    try:
+        return args.handler(args)
+    except SecretfsError as error:
+        print(f"secretfs: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `secretfs secrets list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as error:
+        if os.environ.get("SECRETFS_DEBUG") == "1":
+            raise
+        print(f"secretfs: internal error: {type(error).__name__} "
+              "(a bug: rerun with SECRETFS_DEBUG=1 for a traceback and report it)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""Master keys, and the providers that keep them.
+
+A master key does one thing: wrap and unwrap the per-version data keys of
+:mod:`secretfs.crypto.envelope`. Three providers hold it locally as 32 bytes:
+
+``file``
+    32 random bytes, base64 on one line, in a key file of mode 0600 (the default).
+``passphrase``
+    scrypt(passphrase, salt); the key file holds only the salt and the scrypt parameters.
+``keyring``
+    32 random bytes, base64, in the OS keychain; the key file path only names the entry.
+
+Key files are treated like ssh private keys: a key file that is a symbolic link, not a regular
+file, not owned by the user running secretfs, or open to group or others is refused, not used.
+
+The scrypt, getpass, json and keyring imports happen inside the providers that use them, so that
+loading a key from a file stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Protocol, runtime_checkable
+
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+from secretfs.errors import ConfigError, IntegrityError, StoreError, UnsafeKeyFile
+
+__all__ = [
+    "PROVIDERS",
+    "LocalMasterKey",
+    "MasterKey",
+    "create_key_file",
+    "load_master_key",
+]
+
+MASTER_KEY_SIZE = 32
+PROVIDERS = ("file", "passphrase", "keyring")
+"""The providers this version implements."""
+
+_LATER_PROVIDERS = {"openbao_transit": "openbao", "aws_kms": "aws"}
+_KEY_ID_LABEL = b"secretfs master key id"
+_MAX_KEY_FILE_BYTES = 4096
+_KEYRING_SERVICE = "secretfs"
+_PASSPHRASE_ENV = "SECRETFS_PASSPHRASE"
+_SCRYPT_DEFAULTS = {"n": 2**15, "r": 8, "p": 1}
+_SALT_SIZE = 16
+
+
+@runtime_checkable
+class MasterKey(Protocol):
+    """What the envelope needs from a master key, wherever the key is kept."""
+
+    key_id: str
+    """A stable, public id of the key; stored next to every wrapped data key."""
+
+    def wrap(self, data_key: bytes) -> bytes:
+        """Encrypt and authenticate ``data_key``."""
+        ...
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        """Return the data key; raise :class:`IntegrityError` if ``wrapped`` is not authentic."""
+        ...
+
+
+class LocalMasterKey:
+    """A 32-byte master key held in this process's memory.
+
+    Wrapping is RFC 3394 AES key wrap: deterministic and authenticated, which is what a key of
+    random bytes needs (no nonce to store). The object never shows its key: not in ``repr``, and
+    it cannot be pickled, so it does not end up in a cache file or a worker process by accident.
+    """
+
+    __slots__ = ("_key", "key_id")
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, bytes | bytearray):
+            raise TypeError("a master key must be bytes")
+        if len(key) != MASTER_KEY_SIZE:
+            raise ValueError(f"a master key must be {MASTER_KEY_SIZE} bytes")
+        self._key = bytes(key)
+        self.key_id: str = _key_id(self._key)
+
+    def wrap(self, data_key: bytes) -> bytes:
+        return aes_key_wrap(self._key, data_key)
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        try:
+            return aes_key_unwrap(self._key, wrapped)
+        except (InvalidUnwrap, ValueError):
+            raise IntegrityError(
+                "store integrity error: a wrapped data key failed authentication",
+                "the store was altered; restore it from a backup",
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"LocalMasterKey(key_id={self.key_id!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a master key cannot be pickled")
+
+
+def _key_id(key: bytes) -> str:
+    """A public id for ``key``: an HMAC under the key itself, so it reveals nothing about it."""
+    import hashlib  # here, not at the top: loading OpenSSL's hashes costs a few ms at startup
+    import hmac
+
+    return "mk-" + hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).digest()[:8].hex()
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+
+
+def load_master_key(provider: str, key_file: Path, *, create: bool) -> MasterKey:
+    """Load the master key from ``provider``; with ``create``, make it first if there is none.
+
+    ``create=True`` is idempotent and safe against concurrent callers: every caller ends up with
+    the same key. With ``create=False`` a missing key is a :class:`StoreError` that tells the user
+    to run ``secretfs init``.
+    """
+    key_file = Path(key_file)
+    if provider == "file":
+        return _load_file_key(key_file, create=create)
+    if provider == "passphrase":
+        return _load_passphrase_key(key_file, create=create)
+    if provider == "keyring":
+        return _load_keyring_key(key_file, create=create)
+    if provider in _LATER_PROVIDERS:
+        extra = _LATER_PROVIDERS[provider]
+        raise ConfigError(
+            f"encryption provider '{provider}' needs the '{extra}' backend extra, "
+            "which this version of secretfs does not include yet",
+            "set encryption.provider to 'file', 'passphrase' or 'keyring'",
+        )
+    raise ConfigError(
+        f"unknown encryption provider '{provider}'",
+        "set encryption.provider to one of: " + ", ".join(PROVIDERS),
+    )
+
+
+def create_key_file(path: Path) -> LocalMasterKey:
+    """Create a new ``file``-provider key at ``path``; refuse if a key file is already there.
+
+    Refusing instead of overwriting is the point: the old key is the only way to read whatever it
+    sealed. Use ``load_master_key("file", path, create=True)`` for "create unless present".
+    """
+    path = Path(path)
+    key = os.urandom(MASTER_KEY_SIZE)
+    if not _create_private_file(path, _encode_key(key)):
+        raise StoreError(
+            f"a master key already exists at {path}",
+            "keep it: it is the only key that can read its store; "
+            "to start a new, empty store, move the old store and key away first",
+        )
+    return LocalMasterKey(key)
+
+
+def _no_master_key(where: str) -> StoreError:
+    return StoreError(
+        f"no master key at {where}", "run 'secretfs init' to create the store and its key"
+    )
+
+
+# -- file provider ----------------------------------------------------------------------------
+
+
+def _load_file_key(path: Path, *, create: bool) -> LocalMasterKey:
+    data = _read_private_file(path)
+    if data is None:
+        if not create:
+            raise _no_master_key(str(path))
+        key = os.urandom(MASTER_KEY_SIZE)
+        if _create_private_file(path, _encode_key(key)):
+            return LocalMasterKey(key)
+        data = _read_after_lost_race(path)
+    return LocalMasterKey(_decode_key(data, f"key file {path}"))
+
+
+def _encode_key(key: bytes) -> bytes:
+    return base64.b64encode(key) + b"\n"
+
+
+def _decode_key(data: bytes | str, where: str) -> bytes:
+    """The 32 key bytes of one base64 line; the message never quotes the content."""
+    try:
+        key = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != MASTER_KEY_SIZE:
+        raise StoreError(
+            f"{where} does not hold a master key (expected one line of base64 of "
+            f"{MASTER_KEY_SIZE} bytes)",
+            "restore the key from your backup; a new key cannot read the existing store",
+        )
+    return key
+
+
+# -- passphrase provider ----------------------------------------------------------------------
+
+
+def _load_passphrase_key(path: Path, *, create: bool) -> LocalMasterKey:
+    import json
+
+    data = _read_private_file(path)
+    if data is None:
+        if not create:
+            raise _no_master_key(str(path))
+        # Ask before writing, so that a failed prompt leaves nothing half-made behind.
+        passphrase = _get_passphrase(path, confirm=True)
+        params: dict[str, Any] = {
+            "kdf": "scrypt",
+            **_SCRYPT_DEFAULTS,
+            "salt": base64.b64encode(os.urandom(_SALT_SIZE)).decode(),
+        }
+        if not _create_private_file(path, json.dumps(params).encode() + b"\n"):
+            params = _parse_scrypt_params(path, _read_after_lost_race(path))
+    else:
+        params = _parse_scrypt_params(path, data)
+        passphrase = _get_passphrase(path, confirm=False)
+    return LocalMasterKey(_derive(passphrase, params))
+
+
+def _parse_scrypt_params(path: Path, data: bytes) -> dict[str, Any]:
+    import json
+
+    def bad(detail: str) -> StoreError:
+        return StoreError(
+            f"key file {path} is not a valid passphrase parameters file ({detail})",
+            "restore it from your backup: without its salt the passphrase cannot recreate the key",
+        )
+
+    try:
+        params = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("not JSON") from None
+    if not isinstance(params, dict) or params.get("kdf") != "scrypt":
+        raise bad('"kdf" is not "scrypt"')
+    limits = {"n": (2, 2**22), "r": (1, 64), "p": (1, 16)}
+    for name, (low, high) in limits.items():
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise bad(f'"{name}" must be an integer from {low} to {high}')
+    if params["n"] & (params["n"] - 1):
+        raise bad('"n" must be a power of two')
+    if 128 * params["n"] * params["r"] > 2**30:
+        raise bad('"n" and "r" ask for more than 1 GiB of memory')
+    try:
+        salt = base64.b64decode(params.get("salt", ""), validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        salt = b""
+    if len(salt) < _SALT_SIZE:
+        raise bad(f'"salt" must be base64 of at least {_SALT_SIZE} bytes')
+    return {"n": params["n"], "r": params["r"], "p": params["p"], "salt": salt}
+
+
+def _derive(passphrase: str, params: dict[str, Any]) -> bytes:
+    import unicodedata
+
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    salt = params["salt"]
+    if isinstance(salt, str):
+        salt = base64.b64decode(salt)
+    kdf = Scrypt(salt=salt, length=MASTER_KEY_SIZE, n=params["n"], r=params["r"], p=params["p"])
+    # NFC: the same passphrase typed on two systems may arrive in two Unicode normal forms.
+    return kdf.derive(unicodedata.normalize("NFC", passphrase).encode())
+
+
+def _get_passphrase(path: Path, *, confirm: bool) -> str:
+    """The passphrase from $SECRETFS_PASSPHRASE, else from the terminal; never empty."""
+    passphrase = os.environ.get(_PASSPHRASE_ENV)
+    if passphrase is not None:
+        if not passphrase:
+            raise StoreError(
+                f"{_PASSPHRASE_ENV} is set but empty",
+                "set it to the store's passphrase, or unset it to be asked on the terminal",
+            )
+        return passphrase
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise StoreError("no passphrase given", f"set {_PASSPHRASE_ENV} or run on a terminal")
+    import getpass
+
+    try:
+        passphrase = getpass.getpass(f"Passphrase for the secretfs master key ({path}): ")
+        if not passphrase:
+            raise StoreError("the passphrase is empty", "enter a non-empty passphrase")
+        if confirm and getpass.getpass("Repeat the passphrase: ") != passphrase:
+            raise StoreError("the two passphrases differ", "run the command again")
+    except EOFError:
+        raise StoreError(
+            "no passphrase given", f"set {_PASSPHRASE_ENV} or run on a terminal"
+        ) from None
+    return passphrase
+
+
+# -- keyring provider -------------------------------------------------------------------------
+
+
+def _load_keyring_key(key_file: Path, *, create: bool) -> LocalMasterKey:
+    import keyring
+
+    username = "master-key:" + str(key_file.resolve())
+    entry = f"keyring entry '{_KEYRING_SERVICE}' / '{username}'"
+    try:
+        backend = keyring.get_keyring()
+        backend_name = str(getattr(backend, "name", type(backend).__name__))
+    except Exception as exc:
+        _raise_keyring_error("(backend unknown)", exc, "")
+    try:
+        stored = backend.get_password(_KEYRING_SERVICE, username)
+    except Exception as exc:
+        _raise_keyring_error(backend_name, exc, "")
+    if stored is None:
+        if not create:
+            raise _no_master_key(f"{key_file} (no {entry} in {backend_name})")
+        encoded = base64.b64encode(os.urandom(MASTER_KEY_SIZE)).decode()
+        try:
+            backend.set_password(_KEYRING_SERVICE, username, encoded)
+            # A keychain has no create-if-absent. Reading back makes racing creators settle on
+            # the last writer's key in all but a narrow window (see docs/encryption.md).
+            stored = backend.get_password(_KEYRING_SERVICE, username)
+        except Exception as exc:
+            _raise_keyring_error(backend_name, exc, encoded)
+        if stored is None:
+            raise StoreError(
+                f"the keyring backend '{backend_name}' did not keep the key written to {entry}",
+                "use a keychain that stores passwords, or set encryption.provider to 'file'",
+            )
+    return LocalMasterKey(_decode_key(stored, f"{entry} in {backend_name}"))
+
+
+def _raise_keyring_error(backend_name: str, exc: Exception, secret: str) -> NoReturn:
+    """Turn any backend failure into a StoreError that names the backend, never the key."""
+    from keyring.errors import KeyringLocked, NoKeyringError
+
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if secret:
+        detail = detail.replace(secret, "<key>")
+    if isinstance(exc, NoKeyringError):
+        fix = (
+            "start an OS keychain (e.g. gnome-keyring or KWallet) or set "
+            "encryption.provider to 'file'"
+        )
+    elif isinstance(exc, KeyringLocked):
+        fix = "unlock the keychain and run the command again"
+    else:
+        fix = (
+            "check that the keychain is running and unlocked, or set encryption.provider to 'file'"
+        )
+    raise StoreError(f"the keyring backend '{backend_name}' failed: {detail}", fix) from None
+
+
+# -- private files ----------------------------------------------------------------------------
+
+
+def _read_private_file(path: Path) -> bytes | None:
+    """The content of key file ``path``, or None if it does not exist.
+
+    Opened with O_NOFOLLOW and checked on the open descriptor (fstat), so a file swapped in
+    between the check and the read is still the one checked. O_NONBLOCK keeps a FIFO planted at
+    the path from hanging the caller.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeKeyFile(
+                f"key file {path} is a symbolic link",
+                "replace the link with the file itself (owned by you, mode 0600)",
+            ) from None
+        raise StoreError(
+            f"cannot open key file {path}: {exc.strerror}",
+            "run secretfs as the user that owns the key file, or fix encryption.key_file",
+        ) from None
+    try:
+        _check_private(path, os.fstat(fd))
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, _MAX_KEY_FILE_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_KEY_FILE_BYTES:
+                raise StoreError(
+                    f"key file {path} is larger than {_MAX_KEY_FILE_BYTES} bytes",
+                    "point encryption.key_file at the key file secretfs created",
+                )
+        return b"".join(chunks)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot read key file {path}: {exc.strerror}", "check the disk and the file"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _check_private(path: Path, st: os.stat_result) -> None:
+    """Refuse, like ssh, a key file that someone other than its owner could read or replace."""
+    import shlex
+
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeKeyFile(
+            f"key file {path} is not a regular file", "point encryption.key_file at the key file"
+        )
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise UnsafeKeyFile(
+            f"key file {path} is owned by uid {st.st_uid}, not by uid {euid} running secretfs",
+            f"run secretfs as its owner, or run: chown {euid} {shlex.quote(str(path))}",
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        quoted = shlex.quote(str(path))
+        if mode & 0o044:
+            how = "readable by others"
+        elif mode & 0o022:
+            how = "writable by others"
+        else:
+            how = "open to others"
+        raise UnsafeKeyFile(
+            f"key file {path} is {how} (mode {mode:04o})", f"run: chmod 600 {quoted}"
+        )
+
+
+def _create_private_file(path: Path, data: bytes) -> bool:
+    """Create ``path`` with mode 0600 holding ``data``; False if it already exists.
+
+    The content is written and fsynced in a temporary file, then hard-linked into place: link(2)
+    never replaces an existing name (so of racing creators exactly one wins) and readers never
+    see a half-written key. On a filesystem without hard links, the key file itself is created
+    with O_EXCL and written in one call.
+    """
+    parent = path.parent
+    _make_private_dirs(parent)
+    tmp = parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    _write_exclusive(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise StoreError(
+                f"cannot create key file {path}: {exc.strerror}",
+                f"check that {parent} is writable by you",
+            ) from None
+        try:
+            _write_exclusive(path, data)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(parent)
+    return True
+
+
+def _write_exclusive(path: Path, data: bytes) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create key file {path}: {exc.strerror}",
+            f"check that {path.parent} is writable by you",
+        ) from None
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and any missing parents with mode 0700; leave existing ones alone."""
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # a racing creator made it
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create folder {new}: {exc.strerror}",
+                f"create it yourself with mode 0700, or check that {new.parent} is writable",
+            ) from None
+        os.chmod(new, 0o700)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable; best effort where directories cannot be fsynced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_after_lost_race(path: Path) -> bytes:
+    """The winner's key file, once it is complete.
+
+    With hard links it always is; the O_EXCL fallback leaves a moment between creating the file
+    and writing it, so an empty file is waited on for up to a second.
+    """
+    deadline = time.monotonic() + 1.0
+    while True:
+        data = _read_private_file(path)
+        if data is None:
+            raise StoreError(
+                f"key file {path} vanished while it was being created",
+                "check what else is managing this folder, then run the command again",
+            )
+        if data or time.monotonic() > deadline:
+            return data
+        time.sleep(0.01)

@@ -1,0 +1,297 @@
+"""The one door: every front end (CLI, Python API, filesystem, injector) goes through here.
+
+Each operation asks access control ``(caller, action, resource)``, records the decision in the
+audit log, then talks to the backend. Nothing else decides access or reaches a backend, which is
+what makes "every read is checked and audited" true by construction.
+
+Two faces over one implementation:
+
+- ``SyncSecretsManager`` holds the logic and blocks. The one-shot CLI uses it directly, so a
+  ``secretfs secrets get`` starts without importing trio (it must start in a few tens of ms).
+- ``SecretsManager`` is the seed's async API on trio: each operation runs the sync one in a
+  worker thread behind a CapacityLimiter (backends block: SQLite, boto3, keyring), and values
+  pass through the cache seam. The filesystem and Python programs use this one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from secretfs.access import ALLOW_ALL, AccessControl, Caller
+from secretfs.audit import NO_AUDIT, AuditSink
+from secretfs.backends.base import Backend, MetadataUpdate
+from secretfs.errors import AccessDenied, SecretNotFound, VersionNotFound
+from secretfs.model import (
+    Label,
+    RotationPolicy,
+    Secret,
+    SecretMetadata,
+    SecretRef,
+    Value,
+    VersionInfo,
+    format_version,
+    normalize_value,
+    validate_name,
+    value_of_key,
+)
+
+if TYPE_CHECKING:
+    from secretfs.cache import ValueCache
+    from secretfs.config import Config
+
+T = TypeVar("T")
+
+
+def as_ref(ref: str | SecretRef) -> SecretRef:
+    return ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
+
+
+def pick_version(metadata: SecretMetadata, ref: SecretRef) -> VersionInfo:
+    """The version a reference points at, readable, with its key present."""
+    name = metadata.name
+    if isinstance(ref.version, Label):
+        number = metadata.labels.get(ref.version)
+        if number is None:
+            held = ", ".join(f"{label.value}→{v}" for label, v in sorted(metadata.labels.items()))
+            raise VersionNotFound(
+                f"secret {name!r} has no {ref.version.value} version",
+                f"its labels are: {held}" if held else "it has no labelled version",
+            )
+    else:
+        number = ref.version
+    info = metadata.version_info(number)
+    if info is None:
+        raise VersionNotFound(
+            f"secret {name!r} has no version {number}",
+            f"versions kept: {', '.join(str(v.version) for v in metadata.versions) or 'none'}",
+        )
+    if info.destroyed:
+        raise VersionNotFound(f"version {number} of {name!r} was destroyed")
+    if info.deleted:
+        raise VersionNotFound(
+            f"version {number} of {name!r} is deleted",
+            f"undelete it with 'secretfs secrets undelete {name} --version {number}'",
+        )
+    if ref.key is not None and ref.key not in info.keys:
+        from secretfs.errors import KeyNotFound
+
+        raise KeyNotFound(
+            f"secret {name!r} has no key {ref.key!r}", f"its keys are: {', '.join(info.keys)}"
+        )
+    return info
+
+
+class SyncSecretsManager:
+    """The manager's logic, blocking. See the module docstring for why there are two faces."""
+
+    def __init__(self, backend: Backend, *, access: AccessControl = ALLOW_ALL,
+                 audit: AuditSink = NO_AUDIT) -> None:
+        self.backend = backend
+        self.access = access
+        self.audit = audit
+
+    @classmethod
+    def from_config(cls, config: Config | None = None, *, create: bool = False
+                    ) -> SyncSecretsManager:
+        """The manager a configuration describes (None: the file the environment points at)."""
+        from secretfs.backends import open_backend
+        from secretfs.config import load_config
+
+        return cls(open_backend(config or load_config(), create=create))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> SyncSecretsManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the door ----------------------------------------------------------------------------
+
+    def _authorize(self, caller: Caller | None, action: str, resource: str, event: str,
+                   **fields: Any) -> None:
+        decision = self.access.check(caller, action, resource)
+        self.audit.record(
+            event if decision.allowed else "denied", caller=caller, resource=resource,
+            decision=decision, action=action, **fields,
+        )
+        if not decision.allowed:
+            raise AccessDenied(
+                f"{decision.principal} may not {action} {resource!r}", decision.reason
+            )
+
+    def _not_found(self, error: SecretNotFound, name: str) -> SecretNotFound:
+        """Add a 'did you mean' to a not-found error when a close name exists."""
+        if error.fix is not None:
+            return error
+        names = [metadata.name for metadata in self.backend.list()]
+        close = difflib.get_close_matches(name, names, n=1)
+        return SecretNotFound(error.what, f"did you mean {close[0]!r}?" if close else
+                              "list secrets with 'secretfs secrets list'")
+
+    def _metadata(self, name: str) -> SecretMetadata:
+        try:
+            return self.backend.read_metadata(name)
+        except SecretNotFound as error:
+            raise self._not_found(error, name) from None
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def store(self, secret: Secret, *, cas: int | None = None, caller: Caller | None = None,
+              label: Label = Label.CURRENT) -> int:
+        """Store a new version of *secret* (and its metadata); return the version number."""
+        name = validate_name(secret.name)
+        value = normalize_value(secret.value)
+        self._authorize(caller, "write", name, "put")
+        update = MetadataUpdate(secret.description, secret.tags, secret.rotation)
+        return self.backend.write_version(
+            name, value, label=label, cas=cas, metadata=None if update.empty else update
+        )
+
+    def update_metadata(self, name: str, *, description: str | None = None,
+                        tags: Mapping[str, str] | None = None,
+                        rotation: RotationPolicy | None = None,
+                        caller: Caller | None = None) -> None:
+        validate_name(name)
+        self._authorize(caller, "write", name, "metadata")
+        try:
+            self.backend.update_metadata(name, MetadataUpdate(description, tags, rotation))
+        except SecretNotFound as error:
+            raise self._not_found(error, name) from None
+
+    def delete(self, name: str, *, version: int | None = None, destroy: bool = False,
+               caller: Caller | None = None) -> None:
+        """Soft-delete (recoverable with undelete) or, with *destroy*, erase for good."""
+        validate_name(name)
+        self._authorize(caller, "delete", name, "destroy" if destroy else "delete",
+                        version=version)
+        operation = self.backend.destroy if destroy else self.backend.delete
+        try:
+            operation(name, version)
+        except SecretNotFound as error:
+            raise self._not_found(error, name) from None
+
+    def undelete(self, name: str, *, version: int | None = None,
+                 caller: Caller | None = None) -> None:
+        validate_name(name)
+        self._authorize(caller, "delete", name, "undelete", version=version)
+        self.backend.undelete(name, version)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def get(self, ref: str | SecretRef, *, caller: Caller | None = None) -> Secret:
+        """The value of the version *ref* points at (all keys), with its metadata."""
+        ref = as_ref(ref)
+        self._authorize(caller, "read", ref.name, "read", version=format_version(ref.version))
+        metadata = self._metadata(ref.name)
+        info = pick_version(metadata, ref)
+        value = self.backend.read_value(ref.name, info.version)
+        return Secret(ref.name, value, metadata.description, dict(metadata.tags),
+                      metadata.rotation, info.version)
+
+    def read(self, ref: str | SecretRef, *, caller: Caller | None = None) -> bytes:
+        """The bytes *ref* names: one key, the single value, or a map value as JSON."""
+        ref = as_ref(ref)
+        secret = self.get(ref, caller=caller)
+        return value_of_key(_value(secret), ref.key, ref.name)
+
+    resolve = read
+
+    def validate(self, ref: str | SecretRef, *, caller: Caller | None = None) -> VersionInfo:
+        """Check that *ref* resolves, from metadata alone (no value is decrypted)."""
+        ref = as_ref(ref)
+        self._authorize(caller, "read", ref.name, "validate")
+        return pick_version(self._metadata(ref.name), ref)
+
+    def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
+        validate_name(name)
+        self._authorize(caller, "list", name, "info")
+        return self._metadata(name)
+
+    def versions(self, name: str, *, caller: Caller | None = None) -> tuple[VersionInfo, ...]:
+        return self.info(name, caller=caller).versions
+
+    def list(self, prefix: str = "", *, caller: Caller | None = None) -> list[SecretMetadata]:
+        """Metadata of the secrets under *prefix* that the caller may list."""
+        found = self.backend.list(prefix)
+        return [m for m in found if self.access.check(caller, "list", m.name).allowed]
+
+
+def _value(secret: Secret) -> Value:
+    return normalize_value(secret.value)
+
+
+class SecretsManager:
+    """The seed's async API (trio). Blocking backend work runs in worker threads."""
+
+    def __init__(self, sync: SyncSecretsManager, *, cache: ValueCache | None = None,
+                 max_threads: int = 8) -> None:
+        import trio
+
+        from secretfs.cache import NO_CACHE
+
+        self.sync = sync
+        self.cache = cache or NO_CACHE
+        self._limiter = trio.CapacityLimiter(max_threads)
+
+    @classmethod
+    def from_config(cls, config: Config | None = None, *, create: bool = False
+                    ) -> SecretsManager:
+        return cls(SyncSecretsManager.from_config(config, create=create))
+
+    async def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        import trio
+
+        return await trio.to_thread.run_sync(
+            lambda: function(*args, **kwargs), limiter=self._limiter
+        )
+
+    def close(self) -> None:
+        self.sync.close()
+
+    async def store(self, secret: Secret, *, cas: int | None = None,
+                    caller: Caller | None = None) -> int:
+        version = await self._run(self.sync.store, secret, cas=cas, caller=caller)
+        self.cache.invalidate(secret.name)
+        return version
+
+    async def get(self, ref: str | SecretRef, *, caller: Caller | None = None) -> Secret:
+        ref = as_ref(ref)
+        return await self.cache.get_or_load(
+            ref.name, ref.with_key(None).path,
+            lambda: self._run(self.sync.get, ref, caller=caller),
+        )
+
+    async def delete(self, name: str, *, version: int | None = None, destroy: bool = False,
+                     caller: Caller | None = None) -> None:
+        await self._run(self.sync.delete, name, version=version, destroy=destroy, caller=caller)
+        self.cache.invalidate(name)
+
+    async def list(self, prefix: str = "", *, caller: Caller | None = None
+                   ) -> list[SecretMetadata]:
+        return await self._run(self.sync.list, prefix, caller=caller)
+
+    async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
+        return await self._run(self.sync.info, name, caller=caller)
+
+    async def versions(self, name: str, *, caller: Caller | None = None
+                       ) -> tuple[VersionInfo, ...]:
+        return await self._run(self.sync.versions, name, caller=caller)
+
+    async def resolve(self, ref: str | SecretRef, *, caller: Caller | None = None) -> bytes:
+        """The bytes a reference names; a ref with a resolver derives them from other secrets."""
+        ref = as_ref(ref)
+        if ref.resolver is not None:
+            derived = await ref.resolver(self)
+            return derived.encode() if isinstance(derived, str) else bytes(derived)
+        secret = await self.get(ref, caller=caller)
+        return value_of_key(_value(secret), ref.key, ref.name)
+
+    async def validate(self, ref: str | SecretRef, *, caller: Caller | None = None
+                       ) -> VersionInfo:
+        return await self._run(self.sync.validate, ref, caller=caller)
+

@@ -1,0 +1,1 @@
+"""Rotation: drawing new values (generate.py); the workflow and schedule build on it."""

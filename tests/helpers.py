@@ -1,0 +1,81 @@
+"""Test helpers: a throw-away embedded store and a way to run the real CLI against it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_TEMPLATE = """\
+secrets_manager:
+  backend: {{ type: local, path: store.db, max_versions: {max_versions} }}
+  encryption: {{ provider: file, key_file: master.key }}
+  audit: {{ path: audit.log }}
+"""
+
+
+@dataclass
+class Store:
+    """An embedded store in a temp folder, with its config, and the CLI pointed at it."""
+
+    root: Path
+    config: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "store.db"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "master.key"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SECRETFS_")}
+        env["SECRETFS_CONFIG"] = str(self.config)
+        env.update(extra)
+        return env
+
+    def cli(self, *args: str, input: bytes | None = None, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run `secretfs ARGS` as a user would, in a fresh process."""
+        result = subprocess.run(
+            [sys.executable, "-m", "secretfs", *args], input=input, capture_output=True,
+            env=env or self.env(), timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"secretfs {' '.join(args)} exited {result.returncode}: {result.stderr!r}"
+            )
+        return result
+
+    def put(self, name: str, *args: str, input: bytes | None = None) -> None:
+        self.cli("secrets", "put", name, *args, input=input, check=True)
+
+    def get(self, ref: str) -> bytes:
+        return self.cli("secrets", "get", ref, check=True).stdout
+
+    def files(self) -> list[Path]:
+        """The store file and whatever journal files SQLite keeps beside it."""
+        return [p for p in self.root.iterdir() if p.name.startswith("store.db")]
+
+
+def make_store(root: Path, *, max_versions: int = 10, init: bool = True) -> Store:
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    config.write_text(CONFIG_TEMPLATE.format(max_versions=max_versions))
+    store = Store(root, config)
+    if init:
+        store.cli("init", check=True)
+    return store
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    """The single stderr line of a failed command (asserting it is one line, no traceback)."""
+    text = result.stderr.decode()
+    assert text.startswith("secretfs: "), text
+    assert text.count("\n") == 1, text
+    assert "Traceback" not in text
+    return text.strip()
+
