@@ -343,7 +343,7 @@ class _Reader:
 
         self.source = source
         self._constructor = SafeConstructor()
-        self._mappings: dict[int, Entries] = {}  # merge targets, so shared anchors cost once
+        self._mappings: dict[int, Entries] = {}  # by node, so a shared anchor is read once
         self._plain: dict[int, Any] = {}
         self._open: set[int] = set()  # collections being read: an alias back to one is a cycle
         self._base: Path | None = None
@@ -847,12 +847,15 @@ def _encryption(r: _Reader, node: Node, key: str) -> EncryptionConfig:
 
 def _rotation(r: _Reader, node: Node, key: str) -> RotationSettings:
     """YAML nests ``default_policy: {max_age, overlap}``; the settings are flat."""
-    values = r.section(node, key, {
-        "enabled": _flag, "schedule": _cron,
-        "default_policy": lambda r, node, key: r.section(node, key, {
-            "max_age": _duration(positive=True), "overlap": _duration()}),
-    })
+    values = r.section(node, key, _ROTATION)
     return RotationSettings(**values.pop("default_policy", {}), **values)
+
+
+_ROTATION: Mapping[str, Convert] = {
+    "enabled": _flag,
+    "schedule": _cron,
+    "default_policy": _section(dict, {"max_age": _duration(positive=True), "overlap": _duration()}),
+}
 
 
 _MANAGER: Mapping[str, Convert] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,11 +109,13 @@ def test_default_config_for_a_user(home: Path) -> None:
     assert config.source is None
     assert (manager.backend.type, manager.backend.path) == ("local", share / "store.db")
     assert (manager.backend.max_versions, dict(manager.backend.options)) == (10, {})
-    assert (manager.encryption.provider, manager.encryption.key_file) == ("file", share / "master.key")
+    assert manager.encryption.provider == "file"
+    assert manager.encryption.key_file == share / "master.key"
     assert (manager.encryption.key_name, manager.encryption.key_id) == (None, None)
     assert dataclasses.astuple(manager.cache) == (True, 300.0, 1000, 3600.0, 30.0)
     assert dataclasses.astuple(manager.rotation) == (True, "0 0 * * *", 90 * DAY, 3600.0)
-    assert dataclasses.astuple(manager.audit) == (True, share / "audit.log", "info", 90 * DAY, False)
+    assert dataclasses.astuple(manager.audit) == (
+        True, share / "audit.log", "info", 90 * DAY, False)
     assert dataclasses.astuple(manager.mount) == (Path("/run/secretfs/mnt"), True)
     assert dict(config.principals) == {} and dict(config.policies) == {}
 
@@ -225,7 +228,8 @@ policies:
     assert dataclasses.astuple(manager.cache) == (False, 0.0, 10, 0.0, 90.0)
     assert dataclasses.astuple(manager.rotation) == (
         False, "*/15 2-4 1,15 JAN-jun mon-FRI", 14 * DAY, 90.0)
-    assert dataclasses.astuple(manager.audit) == (True, base / "audit.log", "debug", 365 * DAY, True)
+    assert dataclasses.astuple(manager.audit) == (
+        True, base / "audit.log", "debug", 365 * DAY, True)
     assert dataclasses.astuple(manager.mount) == (base / "mnt", False)
     web = config.principals["web"]
     assert web.exe_sha256 == "abcdef0123456789" * 4
@@ -250,7 +254,8 @@ policies:
     [
         ("{type: openbao, address: 'http://127.0.0.1:8200', token: s.abc}",
          {"address": "http://127.0.0.1:8200", "token": "s.abc", "mount": "secret"}),
-        ("{type: openbao, token_file: ~/bao-token}", {"token_file": "HOME/bao-token", "mount": "secret"}),
+        ("{type: openbao, token_file: ~/bao-token}",
+         {"token_file": "HOME/bao-token", "mount": "secret"}),
         ("{type: aws, region: eu-west-1, endpoint_url: 'http://127.0.0.1:5000', prefix: sfs/, "
          "timeout: 5s}",
          {"region": "eu-west-1", "endpoint_url": "http://127.0.0.1:5000", "prefix": "sfs/",
@@ -423,7 +428,8 @@ ERRORS = [
      "'-5' is not a duration"),
     ("secrets_manager:\n  cache:\n    poll_interval: 0s\n", 3,
      "secrets_manager.cache.poll_interval", "must be longer than 0s"),
-    ("secrets_manager:\n  cache: [a]\n", 2, "secrets_manager.cache", "expected a mapping, got a list"),
+    ("secrets_manager:\n  cache: [a]\n", 2, "secrets_manager.cache",
+     "expected a mapping, got a list"),
     ("secrets_manager:\n  rotation:\n    schedule: '0 25 * * *'\n", 3,
      "secrets_manager.rotation.schedule", "'0 25 * * *' is not a cron expression: hour 25"),
     ("secrets_manager:\n  rotation:\n    default_policy:\n      overlap: soon\n", 4,
@@ -484,15 +490,17 @@ ERRORS = [
      "policies.p.conditions[0].value", "starts and ends at the same time"),
     ("policies:\n  p:\n    conditions:\n      - {type: time_window, value: '09:00-17:00 Mo-Fr'}\n",
      4, "policies.p.conditions[0].value", "'Mo-Fr' is not a day or a range of days"),
-    ("policies:\n  p:\n    conditions:\n      - {type: time_window, value: '09:00-17:00 tz=Mars/Base'}\n",
-     4, "policies.p.conditions[0].value", "unknown time zone 'Mars/Base'"),
+    ("policies:\n  p:\n    conditions:\n"
+     "      - {type: time_window, value: '09:00-17:00 tz=Mars/Base'}\n", 4,
+     "policies.p.conditions[0].value", "unknown time zone 'Mars/Base'"),
     ("policies:\n  p:\n    conditions:\n      - {type: geo, value: x}\n", 4,
      "policies.p.conditions[0].type", "'geo' is not one of ip_range, time_window"),
     ("policies:\n  p:\n    conditions:\n      - {value: x}\n", 4, "policies.p.conditions[0].type",
      "is required"),
     ("secrets_manager: {}\nsecret_manager: {}\n", 2, "secret_manager",
      "unknown key (did you mean 'secrets_manager'?"),
-    ("principals:\n  a: {uid: !!str 5}\n", 2, "principals.a.uid", "expected a whole number, got text"),
+    ("principals:\n  a: {uid: !!str 5}\n", 2, "principals.a.uid",
+     "expected a whole number, got text"),
     ("principals:\n  a: {user: !vault x}\n", 2, "principals.a.user", "unsupported YAML tag !vault"),
     ("principals:\n  [a]: {uid: 1}\n", 2, "principals", "a key must be text, not a list"),
     ("principals:\n  a: &a {<<: *a}\n", 2, "principals.a",
@@ -638,7 +646,7 @@ def test_any_duration_text_parses_or_names_line_and_key(text: str) -> None:
 
 _KEYS = sorted({
     "secrets_manager", "principals", "policies", "backend", "encryption", "cache", "rotation",
-    "audit", "mount", "type", "path", "max_versions", "address", "mount", "token", "token_file",
+    "audit", "mount", "type", "path", "max_versions", "address", "token", "token_file",
     "approle", "role_id", "secret_id_file", "ca_file", "namespace", "timeout", "region",
     "endpoint_url", "prefix", "service", "provider", "key_file", "key_name", "key_id", "enabled",
     "ttl", "max_size", "max_stale", "poll_interval", "schedule", "default_policy", "max_age",
@@ -693,6 +701,26 @@ def test_alias_bombs_are_cheap() -> None:
         f"    {line}\n" for line in lines)
     options = parse_config(text).manager.backend.options
     assert options["a8"][0][0] is options["a6"]  # shared, not 10**8 copies
+
+
+def test_pure_python_loader_gives_the_same_answers(home: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libyaml, PyYAML's Python loader serves, with the same lines in errors."""
+    expected = parse_config(CONTRACT_EXAMPLE, SRC)
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    assert parse_config(CONTRACT_EXAMPLE, SRC) == expected
+    assert error_of("secrets_manager:\n  cache:\n    ttl: 5 minutes\n").startswith(
+        f"{SRC}:3: secrets_manager.cache.ttl: ")
+    assert error_of("[" * 5000 + "]" * 5000) == f"{SRC}: the document is nested too deeply"
+
+
+def test_examples_in_the_docs_are_valid(home: Path) -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        parse_config(block if not block.startswith(" ") else "secrets_manager:\n" + block)
+    assert parse_config(blocks[-1]).manager == default_config().manager
 
 
 # -- import cost ------------------------------------------------------------------------------
