@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-demo="$PWD/.demo"
+demo="${SECRETFS_DEMO_DIR:-$PWD/.demo}"
 rm -rf "$demo"
 mkdir -m 700 "$demo"
 cat > "$demo/config.yaml" <<'YAML'
@@ -23,7 +23,9 @@ step secretfs secrets put db_password --generate --length 24 \
      --description "Database password" --tag environment=demo --tag service=database \
      --rotate-every 90d --overlap 1h
 head -c 18 /dev/urandom | base64 | secretfs secrets put api_keys/stripe --stdin --description "Stripe API key" >/dev/null
-step secretfs secrets put api_keys/github --key user=demo-bot --key token="$(head -c 15 /dev/urandom | base64)"
+token=$(head -c 15 /dev/urandom | base64)
+printf '\n\033[1m$ secretfs secrets put api_keys/github --key user=demo-bot --key token="$TOKEN"\033[0m\n'
+secretfs secrets put api_keys/github --key user=demo-bot --key token="$token"
 step secretfs secrets put db_password --generate --length 24
 step secretfs secrets list
 step secretfs secrets info db_password

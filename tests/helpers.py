@@ -41,7 +41,7 @@ class Store:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run `secretfs ARGS` as a user would, in a fresh process."""
         result = subprocess.run(
-            [sys.executable, "-m", "secretfs", *args], input=input, capture_output=True,
+            [sys.executable, "-m", "secretfs", *args], input=input or b"", capture_output=True,
             env=env or self.env(), timeout=60,
         )
         if check and result.returncode != 0:

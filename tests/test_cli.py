@@ -282,3 +282,20 @@ def test_get_and_list_import_nothing_heavy(store: Store) -> None:
         imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
         for heavy in ("trio", "pyfuse3", "keyring", "croniter", "psutil"):
             assert heavy not in imported, f"{' '.join(args)} imported {heavy}"
+
+
+def test_the_passphrase_provider_end_to_end(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "pp", init=False)
+    store.config.write_text(store.config.read_text().replace("provider: file",
+                                                             "provider: passphrase"))
+    passphrase = fresh()
+    good = store.env(SECRETFS_PASSPHRASE=passphrase)
+    store.cli("init", env=good, check=True)
+    value = fresh()
+    store.cli("secrets", "put", "db", value, env=good, check=True)
+    assert store.cli("secrets", "get", "db", env=good, check=True).stdout == value.encode()
+    wrong = store.cli("secrets", "get", "db", env=store.env(SECRETFS_PASSPHRASE=fresh()))
+    assert wrong.returncode == 8 and "master key 'mk-" in one_line_error(wrong)
+    missing = store.cli("secrets", "get", "db", env=store.env())
+    assert missing.returncode == 8 and "SECRETFS_PASSPHRASE" in one_line_error(missing)
+    assert passphrase.encode() not in b"".join(p.read_bytes() for p in store.root.iterdir())
