@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from secretfs.access import ALLOW_ALL, AccessControl, Caller
+from secretfs.access import ALLOW_ALL, AccessControl, Caller, Decision
 from secretfs.audit import NO_AUDIT, AuditSink
 from secretfs.backends.base import Backend, MetadataUpdate
 from secretfs.errors import AccessDenied, SecretNotFound, VersionNotFound
 from secretfs.model import (
+    SINGLE_VALUE_KEY,
     Label,
     RotationPolicy,
     Secret,
@@ -38,7 +40,7 @@ from secretfs.model import (
 )
 
 if TYPE_CHECKING:
-    from secretfs.cache import ValueCache
+    from secretfs.cache import Cached, ValueCache
     from secretfs.config import Config
 
 T = TypeVar("T")
@@ -112,7 +114,7 @@ class SyncSecretsManager:
 
     # -- the door ----------------------------------------------------------------------------
 
-    def _authorize(self, caller: Caller | None, action: str, resource: str, event: str,
+    def authorize(self, caller: Caller | None, action: str, resource: str, event: str,
                    **fields: Any) -> None:
         decision = self.access.check(caller, action, resource)
         self.audit.record(
@@ -124,6 +126,13 @@ class SyncSecretsManager:
                 f"{decision.principal} may not {action} {resource!r}", decision.reason
             )
 
+    def audit_listing(self, caller: Caller | None, folder: str, shown: int, total: int) -> None:
+        """One record for a folder listing (each entry was filtered by a 'list' decision)."""
+        self.audit.record(
+            "list", caller=caller, resource=folder, action="list",
+            decision=Decision(True, "", f"{shown} of {total} entries visible"),
+        )
+
     def _not_found(self, error: SecretNotFound, name: str) -> SecretNotFound:
         """Add a 'did you mean' to a not-found error when a close name exists."""
         if error.fix is not None:
@@ -133,7 +142,8 @@ class SyncSecretsManager:
         return SecretNotFound(error.what, f"did you mean {close[0]!r}?" if close else
                               "list secrets with 'secretfs secrets list'")
 
-    def _metadata(self, name: str) -> SecretMetadata:
+    def metadata(self, name: str) -> SecretMetadata:
+        """Metadata for internal use (the tree of the mount): not access-checked, not audited."""
         try:
             return self.backend.read_metadata(name)
         except SecretNotFound as error:
@@ -146,7 +156,7 @@ class SyncSecretsManager:
         """Store a new version of *secret* (and its metadata); return the version number."""
         name = validate_name(secret.name)
         value = normalize_value(secret.value)
-        self._authorize(caller, "write", name, "put")
+        self.authorize(caller, "write", name, "put")
         update = MetadataUpdate(secret.description, secret.tags, secret.rotation)
         return self.backend.write_version(
             name, value, label=label, cas=cas, metadata=None if update.empty else update
@@ -157,7 +167,7 @@ class SyncSecretsManager:
                         rotation: RotationPolicy | None = None,
                         caller: Caller | None = None) -> None:
         validate_name(name)
-        self._authorize(caller, "write", name, "metadata")
+        self.authorize(caller, "write", name, "metadata")
         try:
             self.backend.update_metadata(name, MetadataUpdate(description, tags, rotation))
         except SecretNotFound as error:
@@ -167,7 +177,7 @@ class SyncSecretsManager:
                caller: Caller | None = None) -> None:
         """Soft-delete (recoverable with undelete) or, with *destroy*, erase for good."""
         validate_name(name)
-        self._authorize(caller, "delete", name, "destroy" if destroy else "delete",
+        self.authorize(caller, "delete", name, "destroy" if destroy else "delete",
                         version=version)
         operation = self.backend.destroy if destroy else self.backend.delete
         try:
@@ -178,7 +188,7 @@ class SyncSecretsManager:
     def undelete(self, name: str, *, version: int | None = None,
                  caller: Caller | None = None) -> None:
         validate_name(name)
-        self._authorize(caller, "delete", name, "undelete", version=version)
+        self.authorize(caller, "delete", name, "undelete", version=version)
         self.backend.undelete(name, version)
 
     # -- reading ------------------------------------------------------------------------------
@@ -186,8 +196,8 @@ class SyncSecretsManager:
     def get(self, ref: str | SecretRef, *, caller: Caller | None = None) -> Secret:
         """The value of the version *ref* points at (all keys), with its metadata."""
         ref = as_ref(ref)
-        self._authorize(caller, "read", ref.name, "read", version=format_version(ref.version))
-        metadata = self._metadata(ref.name)
+        self.authorize(caller, "read", ref.name, "read", version=format_version(ref.version))
+        metadata = self.metadata(ref.name)
         info = pick_version(metadata, ref)
         value = self.backend.read_value(ref.name, info.version)
         return Secret(ref.name, value, metadata.description, dict(metadata.tags),
@@ -204,13 +214,13 @@ class SyncSecretsManager:
     def validate(self, ref: str | SecretRef, *, caller: Caller | None = None) -> VersionInfo:
         """Check that *ref* resolves, from metadata alone (no value is decrypted)."""
         ref = as_ref(ref)
-        self._authorize(caller, "read", ref.name, "validate")
-        return pick_version(self._metadata(ref.name), ref)
+        self.authorize(caller, "read", ref.name, "validate")
+        return pick_version(self.metadata(ref.name), ref)
 
     def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
         validate_name(name)
-        self._authorize(caller, "list", name, "info")
-        return self._metadata(name)
+        self.authorize(caller, "list", name, "info")
+        return self.metadata(name)
 
     def versions(self, name: str, *, caller: Caller | None = None) -> tuple[VersionInfo, ...]:
         return self.info(name, caller=caller).versions
@@ -225,8 +235,23 @@ def _value(secret: Secret) -> Value:
     return normalize_value(secret.value)
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What one open of a file sees: the bytes of one key of one version, fixed at open."""
+
+    data: bytes
+    version: int
+    stale: bool  # served from cache past its ttl because the backend failed
+    size_known: bool  # metadata told its size (so a file can report it before any read)
+
+
 class SecretsManager:
-    """The seed's async API (trio). Blocking backend work runs in worker threads."""
+    """The seed's async API (trio). Blocking backend work runs in worker threads.
+
+    Metadata is cached per secret and values per (secret, version): versions never change, so
+    a cached value is right until the secret changes, which ``forget(name)`` reports (the
+    daemon calls it from the backend's change feed; this object calls it after its own writes).
+    """
 
     def __init__(self, sync: SyncSecretsManager, *, cache: ValueCache | None = None,
                  max_threads: int = 8) -> None:
@@ -236,6 +261,7 @@ class SecretsManager:
 
         self.sync = sync
         self.cache = cache or NO_CACHE
+        self.backend_reads = 0  # values read from the backend (cache misses that loaded)
         self._limiter = trio.CapacityLimiter(max_threads)
 
     @classmethod
@@ -253,34 +279,66 @@ class SecretsManager:
     def close(self) -> None:
         self.sync.close()
 
+    def forget(self, name: str) -> None:
+        """Drop what is cached about *name* (it changed)."""
+        self.cache.invalidate(name)
+
+    def is_stale(self, name: str, version: int) -> bool:
+        """Whether the cached value of this version is being served past its ttl."""
+        cached = self.cache.peek(name, f"v{version}")
+        return cached is not None and cached.stale
+
+    # -- writing ------------------------------------------------------------------------------
+
     async def store(self, secret: Secret, *, cas: int | None = None,
                     caller: Caller | None = None) -> int:
-        version = await self._run(self.sync.store, secret, cas=cas, caller=caller)
-        self.cache.invalidate(secret.name)
-        return version
-
-    async def get(self, ref: str | SecretRef, *, caller: Caller | None = None) -> Secret:
-        ref = as_ref(ref)
-        return await self.cache.get_or_load(
-            ref.name, ref.with_key(None).path,
-            lambda: self._run(self.sync.get, ref, caller=caller),
-        )
+        try:
+            return await self._run(self.sync.store, secret, cas=cas, caller=caller)
+        finally:
+            self.forget(secret.name)
 
     async def delete(self, name: str, *, version: int | None = None, destroy: bool = False,
                      caller: Caller | None = None) -> None:
-        await self._run(self.sync.delete, name, version=version, destroy=destroy, caller=caller)
-        self.cache.invalidate(name)
+        try:
+            await self._run(self.sync.delete, name, version=version, destroy=destroy,
+                            caller=caller)
+        finally:
+            self.forget(name)
 
-    async def list(self, prefix: str = "", *, caller: Caller | None = None
-                   ) -> list[SecretMetadata]:
-        return await self._run(self.sync.list, prefix, caller=caller)
+    # -- reading ------------------------------------------------------------------------------
 
-    async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
-        return await self._run(self.sync.info, name, caller=caller)
+    async def metadata(self, name: str) -> Cached[SecretMetadata]:
+        """Cached metadata for internal use (the mount's tree): not access-checked."""
+        return await self.cache.get_or_load(
+            name, "metadata", lambda: self._run(self.sync.metadata, name)
+        )
 
-    async def versions(self, name: str, *, caller: Caller | None = None
-                       ) -> tuple[VersionInfo, ...]:
-        return await self._run(self.sync.versions, name, caller=caller)
+    async def _version_value(self, name: str, version: int) -> Cached[Value]:
+        async def load() -> Value:
+            self.backend_reads += 1
+            return await self._run(self.sync.backend.read_value, name, version)
+
+        return await self.cache.get_or_load(name, f"v{version}", load)
+
+    async def snapshot(self, ref: SecretRef, *, caller: Caller | None = None) -> Snapshot:
+        """The bytes of one key for one open, checked ('read') and audited."""
+        self.sync.authorize(caller, "read", ref.name, "read",
+                            version=format_version(ref.version), key=ref.key)
+        metadata = await self.metadata(ref.name)
+        info = pick_version(metadata.value, ref)
+        value = await self._version_value(ref.name, info.version)
+        return Snapshot(value_of_key(value.value, ref.key, ref.name), info.version,
+                        metadata.stale or value.stale,
+                        info.size_of(ref.key or SINGLE_VALUE_KEY) is not None)
+
+    async def get(self, ref: str | SecretRef, *, caller: Caller | None = None) -> Secret:
+        ref = as_ref(ref)
+        self.sync.authorize(caller, "read", ref.name, "read", version=format_version(ref.version))
+        metadata = (await self.metadata(ref.name)).value
+        info = pick_version(metadata, ref)
+        value = (await self._version_value(ref.name, info.version)).value
+        return Secret(ref.name, value, metadata.description, dict(metadata.tags),
+                      metadata.rotation, info.version)
 
     async def resolve(self, ref: str | SecretRef, *, caller: Caller | None = None) -> bytes:
         """The bytes a reference names; a ref with a resolver derives them from other secrets."""
@@ -288,10 +346,30 @@ class SecretsManager:
         if ref.resolver is not None:
             derived = await ref.resolver(self)
             return derived.encode() if isinstance(derived, str) else bytes(derived)
-        secret = await self.get(ref, caller=caller)
-        return value_of_key(_value(secret), ref.key, ref.name)
+        return (await self.snapshot(ref, caller=caller)).data
 
     async def validate(self, ref: str | SecretRef, *, caller: Caller | None = None
                        ) -> VersionInfo:
-        return await self._run(self.sync.validate, ref, caller=caller)
+        ref = as_ref(ref)
+        self.sync.authorize(caller, "read", ref.name, "validate")
+        return pick_version((await self.metadata(ref.name)).value, ref)
 
+    async def list(self, prefix: str = "", *, caller: Caller | None = None
+                   ) -> list[SecretMetadata]:
+        return await self._run(self.sync.list, prefix, caller=caller)
+
+    async def names(self) -> list[str]:
+        """Every live secret name, for the mount's tree (visibility is filtered per caller)."""
+        return await self._run(self.sync.backend.list_names)
+
+    async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
+        validate_name(name)
+        self.sync.authorize(caller, "list", name, "info")
+        return (await self.metadata(name)).value
+
+    async def versions(self, name: str, *, caller: Caller | None = None
+                       ) -> tuple[VersionInfo, ...]:
+        return (await self.info(name, caller=caller)).versions
+
+    async def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
+        return await self._run(self.sync.backend.changes_since, cursor)

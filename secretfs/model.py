@@ -205,6 +205,13 @@ def value_keys(value: Value) -> tuple[str, ...]:
     return (SINGLE_VALUE_KEY,) if isinstance(value, bytes) else tuple(value)
 
 
+def value_sizes(value: Value) -> tuple[int, ...]:
+    """The byte length of each key's value, in the order of value_keys."""
+    if isinstance(value, bytes):
+        return (len(value),)
+    return tuple(len(item.encode()) for item in value.values())
+
+
 def encode_value(value: Value) -> bytes:
     """The bytes that are encrypted: the value itself, or the map as compact JSON."""
     if isinstance(value, bytes):
@@ -337,10 +344,17 @@ class VersionInfo:
     is_map: bool
     deleted: bool = False  # soft-deleted: recoverable, not readable
     destroyed: bool = False  # crypto-shredded: gone for good
+    sizes: tuple[int, ...] = ()  # byte length per key (as keys); empty when the backend can't say
 
     @property
     def readable(self) -> bool:
         return not (self.deleted or self.destroyed)
+
+    def size_of(self, key: str) -> int | None:
+        """The length of one key's value, known without decrypting it (or None)."""
+        if len(self.sizes) != len(self.keys) or key not in self.keys:
+            return None
+        return self.sizes[self.keys.index(key)]
 
     def to_json(self) -> dict[str, Any]:
         return {

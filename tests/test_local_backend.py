@@ -225,9 +225,39 @@ def test_missing_or_foreign_store(tmp_path: Path, key: LocalMasterKey) -> None:
         LocalBackend.open(garbage, key)
 
 
-def test_change_counter_sees_other_writers(backend: LocalBackend, key: LocalMasterKey) -> None:
-    before = backend.change_counter()
-    other = LocalBackend.open(backend.path, key)
-    other.write_version("db", b"x")
+def test_the_change_feed_names_what_changed(backend: LocalBackend, key: LocalMasterKey) -> None:
+    cursor, names = backend.changes_since(None)
+    assert names is None  # first call: reload everything
+    backend.write_version("a", b"x")
+    other = LocalBackend.open(backend.path, key)  # another process writing the same file
+    other.write_version("b", b"y")
+    other.update_metadata("a", MetadataUpdate(description="d"))
     other.close()
-    assert backend.change_counter() != before
+    cursor, names = backend.changes_since(cursor)
+    assert names == {"a", "b"}
+    backend.delete("b")
+    backend.destroy("a")
+    cursor, names = backend.changes_since(cursor)
+    assert names == {"a", "b"}
+    assert backend.changes_since(cursor) == (cursor, set())
+    assert backend.changes_since(cursor + 5)[1] is None  # a cursor from another store
+
+
+def test_a_reader_far_behind_the_feed_reloads(backend: LocalBackend, monkeypatch) -> None:
+    import secretfs.backends.local as local
+
+    monkeypatch.setattr(local, "CHANGE_FEED_LENGTH", 3)
+    cursor, _ = backend.changes_since(None)
+    for i in range(6):
+        backend.write_version(f"s{i}", b"x")
+    assert backend.changes_since(cursor)[1] is None
+
+
+def test_names_and_sizes_come_without_values(backend: LocalBackend) -> None:
+    backend.write_version("b", {"user": "app", "password": "12345"})
+    backend.write_version("a", b"\x00" * 7)
+    assert backend.list_names() == ["a", "b"]
+    assert backend.list_names("b") == ["b"]
+    info = backend.read_metadata("b").version_info(1)
+    assert (info.size_of("user"), info.size_of("password"), info.size_of("x")) == (3, 5, None)
+    assert backend.read_metadata("a").version_info(1).size_of("value") == 7

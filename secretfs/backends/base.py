@@ -89,8 +89,14 @@ class Backend(Protocol):
         """Erase one version's value for good, or the whole secret with all its versions."""
         ...
 
-    def change_counter(self) -> int:
-        """A number that changes whenever any secret may have changed (cheap to call)."""
+    def list_names(self, prefix: str = "") -> list[str]:
+        """Names of every live secret starting with *prefix*, sorted (cheaper than list)."""
+        ...
+
+    def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
+        """The names changed since *cursor* (a value this method returned before), and the
+        cursor to pass next time. None instead of names: anything may have changed (the first
+        call, or the reader fell too far behind), so reload everything."""
         ...
 
     def close(self) -> None: ...

@@ -45,10 +45,12 @@ from secretfs.model import (
     encode_value,
     parent_folders,
     value_keys,
+    value_sizes,
 )
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
+CHANGE_FEED_LENGTH = 10_000  # a reader further behind than this reloads everything
 
 _SCHEMA = """
 CREATE TABLE store_info (
@@ -71,6 +73,7 @@ CREATE TABLE versions (
     created     REAL NOT NULL,
     is_map      INTEGER NOT NULL,
     keys        TEXT NOT NULL,                 -- JSON list of key names (not secret)
+    sizes       TEXT NOT NULL,                 -- JSON list of their lengths (ciphertext shows them)
     key_id      TEXT,                          -- master key that wrapped the data key
     wrapped_key BLOB,                          -- NULL once destroyed
     nonce       BLOB,
@@ -84,6 +87,10 @@ CREATE TABLE labels (
     label   TEXT NOT NULL,
     version INTEGER NOT NULL,
     PRIMARY KEY (name, label)
+);
+CREATE TABLE changes (                         -- the change feed readers follow (changes_since)
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL
 );
 """
 
@@ -169,12 +176,22 @@ class LocalBackend:
         self.store_key_id = info["master_key_id"]
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before any read so concurrent writers serialize."""
+    def _write(self, changed: str | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before any read so concurrent writers serialize.
+
+        *changed* names the secret the transaction changes: it goes on the change feed in the
+        same transaction, so a reader of the feed never misses a committed change.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                if changed is not None:
+                    self._db.execute("INSERT INTO changes (name) VALUES (?)", (changed,))
+                    self._db.execute(
+                        "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
+                        (CHANGE_FEED_LENGTH,),
+                    )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -206,7 +223,7 @@ class LocalBackend:
             )
         now = time.time()
         payload = encode_value(value)
-        with self._write() as db:
+        with self._write(name) as db:
             row = db.execute(
                 "SELECT next_version, deleted FROM secrets WHERE name = ?", (name,)
             ).fetchone()
@@ -239,11 +256,11 @@ class LocalBackend:
                     )
             sealed = seal(self._master_key, payload, associated_data(name, version))
             db.execute(
-                "INSERT INTO versions (name, version, created, is_map, keys, key_id, "
-                "wrapped_key, nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO versions (name, version, created, is_map, keys, sizes, key_id, "
+                "wrapped_key, nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, version, now, not isinstance(value, bytes),
-                 json.dumps(value_keys(value)), sealed.key_id, sealed.wrapped_key,
-                 sealed.nonce, sealed.ciphertext),
+                 json.dumps(value_keys(value)), json.dumps(value_sizes(value)), sealed.key_id,
+                 sealed.wrapped_key, sealed.nonce, sealed.ciphertext),
             )
             db.execute(
                 "UPDATE secrets SET next_version = ?, updated = ? WHERE name = ?",
@@ -297,7 +314,7 @@ class LocalBackend:
         )
 
     def update_metadata(self, name: str, metadata: MetadataUpdate) -> None:
-        with self._write() as db:
+        with self._write(name) as db:
             self._live_secret(db, name)
             self._apply_metadata(db, name, metadata)
 
@@ -321,7 +338,7 @@ class LocalBackend:
         self._mark(name, version, "deleted", time.time())
 
     def undelete(self, name: str, version: int | None = None) -> None:
-        with self._write() as db:
+        with self._write(name) as db:
             if version is None:
                 found = db.execute(
                     "UPDATE secrets SET deleted = NULL WHERE name = ?", (name,)
@@ -337,7 +354,7 @@ class LocalBackend:
                 )
 
     def destroy(self, name: str, version: int | None = None) -> None:
-        with self._write() as db:
+        with self._write(name) as db:
             if version is None:
                 if not db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount:
                     raise SecretNotFound(f"secret {name!r} not found")
@@ -350,7 +367,7 @@ class LocalBackend:
             )
 
     def _mark(self, name: str, version: int | None, column: str, when: float) -> None:
-        with self._write() as db:
+        with self._write(name) as db:
             self._live_secret(db, name)
             if version is None:
                 db.execute(f"UPDATE secrets SET {column} = ? WHERE name = ?", (when, name))
@@ -386,7 +403,8 @@ class LocalBackend:
                 labels.setdefault(name, {})[Label(label)] = version
             versions: dict[str, list[VersionInfo]] = {}
             for row in db.execute(
-                "SELECT name, version, created, is_map, keys, deleted, destroyed FROM versions "
+                "SELECT name, version, created, is_map, keys, sizes, deleted, destroyed "
+                "FROM versions "
                 f"WHERE name IN (SELECT name FROM secrets WHERE {where}) ORDER BY name, version",
                 arguments,
             ):
@@ -425,10 +443,24 @@ class LocalBackend:
         )
         return decode_value(payload, bool(is_map))
 
-    def change_counter(self) -> int:
-        """SQLite's data_version: changes when another connection commits to the file."""
+    def list_names(self, prefix: str = "") -> list[str]:
+        where, arguments = "deleted IS NULL", ()
+        if prefix:
+            where += " AND name >= ? AND name < ?"
+            arguments = _prefix_range(prefix)
         with self._lock:
-            return self._db.execute("PRAGMA data_version").fetchone()[0]
+            return [row[0] for row in self._db.execute(
+                f"SELECT name FROM secrets WHERE {where} ORDER BY name", arguments)]
+
+    def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
+        with self._read() as db:
+            newest, oldest = db.execute("SELECT max(seq), min(seq) FROM changes").fetchone()
+            newest = newest or 0
+            if cursor is None or cursor > newest or (oldest is not None and cursor < oldest - 1):
+                return newest, None  # first call, a replaced store, or fell behind the feed
+            return newest, {
+                row[0] for row in db.execute("SELECT name FROM changes WHERE seq > ?", (cursor,))
+            }
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -473,16 +505,17 @@ class LocalBackend:
         return [
             self._version_info(row)
             for row in db.execute(
-                "SELECT version, created, is_map, keys, deleted, destroyed FROM versions "
+                "SELECT version, created, is_map, keys, sizes, deleted, destroyed FROM versions "
                 "WHERE name = ? ORDER BY version", (name,),
             )
         ]
 
     @staticmethod
     def _version_info(row: tuple) -> VersionInfo:
-        version, created, is_map, keys, deleted, destroyed = row
+        version, created, is_map, keys, sizes, deleted, destroyed = row
         return VersionInfo(
             version=version, created=_when(created), keys=tuple(json.loads(keys)),
+            sizes=tuple(json.loads(sizes)),
             is_map=bool(is_map), deleted=deleted is not None, destroyed=destroyed is not None,
         )
 
