@@ -45,6 +45,7 @@ test: lint
 
 bench: setup
 	$(BIN)/python benchmarks/cli.py
+	$(BIN)/python benchmarks/read.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis .ruff_cache *.egg-info

@@ -83,6 +83,8 @@ class ValueCache(Protocol):
 
     def invalidate(self, name: str) -> None: ...
 
+    def peek(self, name: str, key: str) -> Cached[Any] | None: ...
+
 
 class NoCache:
     """Caching off: every read goes to the backend (one-shot commands, ``enabled: false``)."""
@@ -96,6 +98,9 @@ class NoCache:
         return Cached(await load(), False, loaded_at)
 
     def invalidate(self, name: str) -> None:
+        return None
+
+    def peek(self, name: str, key: str) -> Cached[Any] | None:
         return None
 
     def __repr__(self) -> str:

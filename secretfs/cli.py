@@ -362,6 +362,27 @@ def cmd_undelete(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- mount / umount ---------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from secretfs.fs.daemon import mount
+
+    return mount(Path(args.mountpoint), config_source=args.config, foreground=args.foreground,
+                 log_file=Path(args.log_file) if args.log_file else None)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from secretfs.fs.daemon import unmount
+
+    unmount(Path(args.mountpoint))
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -398,6 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command(commands, "init", cmd_init, "create the embedded store and master key (idempotent)")
+
+    mount = command(commands, "mount", cmd_mount,
+                    "serve the secrets as a read-only file tree (FUSE)")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--foreground", action="store_true",
+                       help="serve in this process (for systemd) instead of forking a daemon")
+    mount.add_argument("--log-file", metavar="F",
+                       help="daemon log (default: mount.log beside the audit log)")
+    umount = command(commands, "umount", cmd_umount, "unmount a secretfs mount")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     secrets = commands.add_parser("secrets", help="store, read, list and remove secrets")
     verbs = secrets.add_subparsers(dest="verb", required=True, metavar="VERB",

@@ -260,8 +260,9 @@ class SecretsManager:
         from secretfs.cache import NO_CACHE
 
         self.sync = sync
-        self.cache = cache or NO_CACHE
+        self.cache = NO_CACHE if cache is None else cache  # an empty cache is falsy
         self.backend_reads = 0  # values read from the backend (cache misses that loaded)
+        self._stale: set[tuple[str, int]] = set()  # versions last served stale
         self._limiter = trio.CapacityLimiter(max_threads)
 
     @classmethod
@@ -284,9 +285,8 @@ class SecretsManager:
         self.cache.invalidate(name)
 
     def is_stale(self, name: str, version: int) -> bool:
-        """Whether the cached value of this version is being served past its ttl."""
-        cached = self.cache.peek(name, f"v{version}")
-        return cached is not None and cached.stale
+        """Whether this version was last served past its ttl because the backend failed."""
+        return (name, version) in self._stale
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -327,6 +327,10 @@ class SecretsManager:
         metadata = await self.metadata(ref.name)
         info = pick_version(metadata.value, ref)
         value = await self._version_value(ref.name, info.version)
+        if value.stale:
+            self._stale.add((ref.name, info.version))
+        else:
+            self._stale.discard((ref.name, info.version))
         return Snapshot(value_of_key(value.value, ref.key, ref.name), info.version,
                         metadata.stale or value.stale,
                         info.size_of(ref.key or SINGLE_VALUE_KEY) is not None)

@@ -35,4 +35,22 @@ class AllowAll:
 
 ALLOW_ALL = AllowAll()
 
-__all__ = ["ACTIONS", "ALLOW_ALL", "AccessControl", "AllowAll", "Caller", "Decision"]
+
+class OwnerOnly:
+    """The built-in policy of a mount with no policies configured: root and the user who
+    mounted may do everything, nobody else anything (like a 0700 folder)."""
+
+    def __init__(self, owner_uid: int) -> None:
+        self.owner_uid = owner_uid
+
+    def check(self, caller: Caller | None, action: str, resource: str) -> Decision:
+        if caller is None or caller.uid in (0, self.owner_uid):
+            who = "this process" if caller is None else f"uid {caller.uid}"
+            return Decision(True, who, "built-in policy: root and the mount owner")
+        return Decision(
+            False, f"uid {caller.uid}",
+            f"built-in policy: only root and the mount owner (uid {self.owner_uid}) may "
+            f"{action}; configure policies to grant others",
+        )
+
+__all__ = ["ACTIONS", "ALLOW_ALL", "AccessControl", "AllowAll", "Caller", "Decision", "OwnerOnly"]

@@ -1,0 +1,286 @@
+"""The mount's lifecycle: prepare the mountpoint, harden the process, serve, reload, stop.
+
+``secretfs mount`` runs ``mount()``: by default it forks a daemon and returns once the mount
+answers (or prints why it did not); ``--foreground`` serves in the calling process, as systemd's
+Type=notify wants, and READY=1 goes to $NOTIFY_SOCKET only once the mount answers.
+
+Inside, one trio nursery holds every task: pyfuse3's request loop, the caller cache's pidfd
+watcher, the change follower and the signal handler. SIGTERM/SIGINT end the request loop
+(``pyfuse3.terminate``), which cancels the rest and unmounts; SIGHUP reloads the configuration
+and keeps the old one if the new one does not validate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from secretfs.config import Config, load_config
+from secretfs.errors import SecretfsError, UsageError
+
+log = logging.getLogger("secretfs.daemon")
+
+READY_TIMEOUT = 30.0  # seconds the launching command waits for the daemon's mount to answer
+CHANGE_POLL_INTERVAL = 0.5  # how often the local store's change feed is read
+
+
+# -- the mountpoint ---------------------------------------------------------------------------
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """Unmount a FUSE mount (lazily: also one whose daemon is gone)."""
+    command = [shutil.which("fusermount3") or "fusermount3", "-u", *(["-z"] if lazy else []),
+               str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().rpartition(": ")[2] or "fusermount3 failed"
+        raise SecretfsError(f"cannot unmount {mountpoint}: {reason}",
+                            "close the files and shells using it, or use 'umount -l'")
+
+
+def prepare_mountpoint(mountpoint: Path) -> None:
+    """Make *mountpoint* ready: create it, or clean up a mount whose daemon died."""
+    try:
+        os.stat(mountpoint)
+    except FileNotFoundError:
+        mountpoint.mkdir(parents=True, mode=0o755)
+        return
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s: stale mount of a dead daemon; unmounting it", mountpoint)
+        unmount(mountpoint, lazy=True)
+        return
+    if os.path.ismount(mountpoint):
+        raise SecretfsError(f"{mountpoint} is already mounted",
+                            f"unmount it first: secretfs umount {mountpoint}")
+    if not mountpoint.is_dir():
+        raise UsageError(f"{mountpoint} is not a folder")
+
+
+# -- process hardening ------------------------------------------------------------------------
+
+PR_SET_DUMPABLE = 4
+MCL_CURRENT, MCL_FUTURE = 1, 2
+
+
+def harden() -> None:
+    """No core dumps, no ptrace by the same user, and memory kept out of swap when allowed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
+    # MCL_FUTURE under a small RLIMIT_MEMLOCK would make later allocations fail: lock only
+    # where the limit cannot bite (root, or an unlimited limit).
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if os.geteuid() != 0 and soft != resource.RLIM_INFINITY:
+        log.warning("memory not locked (RLIMIT_MEMLOCK is %d bytes): secrets may be swapped; "
+                    "run as root or raise LimitMEMLOCK", soft)
+    elif libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        log.warning("mlockall failed: %s; secrets may be swapped",
+                    os.strerror(ctypes.get_errno()))
+
+
+# -- readiness --------------------------------------------------------------------------------
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state, if it asked; the protocol is one datagram."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(state.encode(), address)
+
+
+def daemonize(log_file: Path) -> Callable[[str | None], None]:
+    """Fork; the parent waits for the child's word and exits with it. Returns, in the child,
+    the function that sends that word: None when the mount answers, else the error."""
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:  # the launching command
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            word = pipe.read().decode(errors="replace")
+        if word == "ok":
+            sys.exit(0)
+        print(word or "secretfs: the mount daemon exited before the mount answered "
+              f"(see {log_file})", file=sys.stderr)
+        sys.exit(1)
+    os.close(read_end)
+    os.setsid()
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null)
+    os.close(log_fd)
+    os.chdir("/")
+
+    def report(problem: str | None) -> None:
+        nonlocal write_end
+        if write_end < 0:
+            return
+        os.write(write_end, b"ok" if problem is None else problem.encode())
+        os.close(write_end)
+        write_end = -1
+
+    return report
+
+
+# -- serving ----------------------------------------------------------------------------------
+
+
+def mount_options(config: Config) -> set[str]:
+    options = {"fsname=secretfs", "subtype=secretfs", "ro", "nosuid", "nodev", "noexec"}
+    if os.geteuid() == 0 and config.manager.mount.allow_other:
+        options.add("allow_other")  # other users and containers read through the daemon
+    return options  # no default_permissions: the daemon decides every open, and audits it
+
+
+def build_filesystem(config: Config) -> Any:
+    """The SecretsFS for *config*: manager, cache, built-in policy."""
+    from secretfs.access import OwnerOnly
+    from secretfs.access.principal import CallerCache
+    from secretfs.backends import open_backend
+    from secretfs.cache import NO_CACHE, TtlCache
+    from secretfs.fs.operations import SecretsFS
+    from secretfs.manager import SecretsManager, SyncSecretsManager
+
+    settings = config.manager.cache
+    cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
+                      max_stale=settings.max_stale) if settings.enabled else NO_CACHE)
+    sync = SyncSecretsManager(open_backend(config), access=OwnerOnly(os.geteuid()))
+    manager = SecretsManager(sync, cache=cache)
+    callers = CallerCache()
+
+    def status() -> dict[str, Any]:
+        cache_stats = getattr(manager.cache, "stats", None)  # the cache may be reloaded
+        return {"cache": cache_stats.to_json() if cache_stats else None,
+                "callers": callers.stats.to_json(), "backend_reads": manager.backend_reads}
+
+    filesystem = SecretsFS(manager, callers, status=status)
+    return filesystem
+
+
+async def serve(config_source: str | None, config: Config, mountpoint: Path,
+                report: Callable[[str | None], None]) -> None:
+    import pyfuse3
+    import trio
+
+    filesystem = build_filesystem(config)
+    await filesystem.load_names()
+    pyfuse3.init(filesystem, str(mountpoint), mount_options(config))
+    log.info("mounted %s (%d secrets)", mountpoint, len(filesystem.tree.index))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(filesystem.callers.run)
+            nursery.start_soon(_follow_changes, filesystem)
+            nursery.start_soon(_handle_signals, filesystem, config_source)
+            nursery.start_soon(_announce_when_answering, mountpoint, report)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        sd_notify("STOPPING=1")
+        pyfuse3.close(unmount=True)
+        filesystem.manager.close()
+        log.info("unmounted %s", mountpoint)
+
+
+async def _announce_when_answering(mountpoint: Path, report: Callable[[str | None], None]
+                                   ) -> None:
+    import trio
+
+    await trio.to_thread.run_sync(os.listdir, mountpoint)  # answered by our request loop
+    sd_notify("READY=1")
+    report(None)
+
+
+async def _follow_changes(filesystem: Any) -> None:
+    """Read the backend's change feed and invalidate what changed, here and in the kernel."""
+    import trio
+
+    failing = False
+    while True:
+        await trio.sleep(CHANGE_POLL_INTERVAL)
+        try:
+            await filesystem.catch_up()
+        except SecretfsError as error:
+            if not failing:  # once per outage, not once per poll
+                log.warning("cannot read the backend's changes: %s", error)
+            failing = True
+            continue
+        if failing:
+            log.info("backend changes readable again")
+            failing = False
+
+
+async def _handle_signals(filesystem: Any, config_source: str | None) -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for number in signals:
+            if number == signal.SIGHUP:
+                _reload(filesystem, config_source)
+            else:
+                log.info("%s: unmounting", signal.Signals(number).name)
+                pyfuse3.terminate()
+                return
+
+
+def _reload(filesystem: Any, config_source: str | None) -> None:
+    """SIGHUP: take the new configuration, or keep the old one if it does not validate."""
+    try:
+        config = load_config(config_source)
+    except SecretfsError as error:
+        log.error("config reload rejected, keeping the running configuration: %s", error)
+        return
+    from secretfs.cache import NO_CACHE, TtlCache
+
+    settings = config.manager.cache
+    filesystem.manager.cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
+                                         max_stale=settings.max_stale)
+                                if settings.enabled else NO_CACHE)
+    log.info("configuration reloaded from %s (backend and mount options need a restart)",
+             config.source or "the embedded default")
+
+
+def mount(mountpoint: Path, *, config_source: str | None, foreground: bool,
+          log_file: Path | None = None) -> int:
+    """``secretfs mount``: returns the exit code."""
+    import trio
+
+    config = load_config(config_source)
+    mountpoint = mountpoint.absolute()
+    prepare_mountpoint(mountpoint)
+    log_file = log_file or config.manager.audit.path.parent / "mount.log"
+    report: Callable[[str | None], None] = lambda problem: None  # noqa: E731
+    if not foreground:
+        report = daemonize(log_file)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"secretfs[{os.getpid()}] %(levelname)s %(message)s")
+    harden()
+    try:
+        trio.run(serve, config_source, config, mountpoint, report)
+    except SecretfsError as error:
+        report(f"secretfs: {error}")
+        raise
+    except BaseException as error:
+        report(f"secretfs: mount failed: {type(error).__name__}: {error}")
+        raise
+    return 0
