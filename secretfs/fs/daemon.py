@@ -52,7 +52,7 @@ def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
 def prepare_mountpoint(mountpoint: Path) -> None:
     """Make *mountpoint* ready: create it, or clean up a mount whose daemon died."""
     try:
-        os.stat(mountpoint)
+        os.listdir(mountpoint)  # reaches a FUSE daemon, if any (a stat may come from cache)
     except FileNotFoundError:
         mountpoint.mkdir(parents=True, mode=0o755)
         return
@@ -265,6 +265,8 @@ def mount(mountpoint: Path, *, config_source: str | None, foreground: bool,
     """``secretfs mount``: returns the exit code."""
     import trio
 
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="secretfs[%(process)d] %(levelname)s %(message)s")
     config = load_config(config_source)
     mountpoint = mountpoint.absolute()
     prepare_mountpoint(mountpoint)
@@ -272,8 +274,6 @@ def mount(mountpoint: Path, *, config_source: str | None, foreground: bool,
     report: Callable[[str | None], None] = lambda problem: None  # noqa: E731
     if not foreground:
         report = daemonize(log_file)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"secretfs[{os.getpid()}] %(levelname)s %(message)s")
     harden()
     try:
         trio.run(serve, config_source, config, mountpoint, report)
