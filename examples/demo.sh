@@ -39,4 +39,21 @@ secretfs secrets get db_pasword || echo "(exit code $?)"
 printf '\nThe store is %s; nothing in it is plaintext:\n' "$demo/store.db"
 value=$(secretfs secrets get db_password)
 if grep -rqaF -- "$value" "$demo"; then echo "FOUND PLAINTEXT"; exit 1; else echo "grep for the current value in .demo/: no match"; fi
+if [ "$(id -u)" = 0 ] && [ -c /dev/fuse ]; then
+  mnt="$demo/mnt"
+  trap 'secretfs umount "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true' EXIT
+  step secretfs mount "$mnt" --log-file "$demo/mount.log"
+  step ls "$mnt" "$mnt/db_password" "$mnt/api_keys/github/latest"
+  printf '\n\033[1m$ wc -c %s/db_password/latest/value\033[0m\n' "$mnt"
+  wc -c < "$mnt/db_password/latest/value"
+  step cat "$mnt/api_keys/github/latest/user"; echo
+  step getfattr -d "$mnt/db_password/latest/value"
+  printf '\n\033[1m$ setpriv --reuid 4242 --regid 4242 --clear-groups cat …/db_password/latest/value\033[0m\n'
+  setpriv --reuid 4242 --regid 4242 --clear-groups cat "$mnt/db_password/latest/value" \
+    || echo "(denied: only root and the mount owner may read without a policy)"
+  step secretfs umount "$mnt"
+  trap - EXIT
+else
+  printf '\n(run as root with /dev/fuse to see the mount part of the tour)\n'
+fi
 printf '\nTry it yourself:  export SECRETFS_CONFIG=%s\n' "$SECRETFS_CONFIG"

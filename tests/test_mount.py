@@ -448,3 +448,19 @@ def test_ready_is_sent_only_once_the_mount_answers(store: Store, tmp_path: Path)
         if process.poll() is None:
             process.kill()
         force_unmount(path)
+
+
+def test_the_daemon_is_hardened(store: Store, mnt: Mount) -> None:
+    value = fresh()
+    store.put("db", value)
+    assert (mnt.path / "db/latest/value").read_text() == value
+    proc = Path(f"/proc/{mnt.process.pid}")
+    core = next(line for line in (proc / "limits").read_text().splitlines()
+                if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    locked_kb = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                     if line.startswith("VmLck:"))
+    assert locked_kb > 0  # mlockall: values stay out of swap
+    for exposed in ("environ", "cmdline"):
+        assert value.encode() not in (proc / exposed).read_bytes()
+    assert value not in mnt.log_text()
