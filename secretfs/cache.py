@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
 from secretfs.errors import BackendUnavailable
@@ -71,7 +71,7 @@ class CacheStats:
     invalidations: int = 0
 
     def to_json(self) -> dict[str, int]:
-        return {counter.name: getattr(self, counter.name) for counter in fields(self)}
+        return asdict(self)
 
 
 class ValueCache(Protocol):

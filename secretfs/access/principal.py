@@ -20,7 +20,7 @@ import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -276,7 +276,7 @@ class CallerStats:
     pidfds: int = 0
 
     def to_json(self) -> dict[str, int]:
-        return {counter.name: getattr(self, counter.name) for counter in fields(self)}
+        return asdict(self)
 
 
 class _Process:
