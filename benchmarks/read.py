@@ -315,13 +315,23 @@ def mounted(label: str, argv: list[str], mountpoint: Path, log: Path,
     mountpoint.mkdir()
     with open(log, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   cwd=ROOT, start_new_session=True)  # ^C reaches us only
+                                   cwd=ROOT, start_new_session=True,  # ^C reaches us only
+                                   preexec_fn=_stop_with_parent)
     try:
         yield Mounted(label, mountpoint, process, log)
     finally:
         stop(process)
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+
+
+def _stop_with_parent() -> None:
+    """In the daemon before exec: SIGTERM it if this benchmark dies without its cleanup (e.g.
+    SIGKILL), so that it unmounts itself instead of leaving a mount behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

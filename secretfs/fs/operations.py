@@ -32,7 +32,7 @@ from secretfs.access.principal import Caller, CallerCache
 from secretfs.errors import NotFound, SecretfsError
 from secretfs.fs.tree import STATUS_FOLDER, Kind, Node, Tree, resolve_word
 from secretfs.manager import SecretsManager
-from secretfs.model import SecretMetadata, SecretRef, format_duration
+from secretfs.model import SecretMetadata, format_duration
 
 log = logging.getLogger("secretfs.fs")
 
@@ -310,9 +310,8 @@ class SecretsFS(pyfuse3.Operations):
                 direct = True  # generated content: its size is not known in advance
             else:
                 caller = self._caller(ctx)
-                ref = SecretRef(node.name, node.version, node.key)
                 try:
-                    snapshot = await self.manager.snapshot(ref, caller=caller)
+                    snapshot = await self.manager.snapshot(node.ref, caller=caller)
                 except SecretfsError as error:
                     self.stats.opened(caller, node.name, errno.errorcode.get(error.errno, "?"))
                     raise

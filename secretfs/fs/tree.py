@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from secretfs.errors import InvalidReference
-from secretfs.model import Label, SecretMetadata, VersionInfo, parse_version
+from secretfs.model import Label, SecretMetadata, SecretRef, VersionInfo, parse_version
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE, without importing pyfuse3 here
 STATUS_FOLDER = ".secretfs"
@@ -56,6 +56,7 @@ class Node:
     word: str = ""
     version: int = 0
     key: str = ""
+    ref: SecretRef | None = None  # a FILE's reference, parsed once rather than per open
 
     @property
     def identity(self) -> tuple[Kind, str, str, int, str]:
@@ -182,7 +183,8 @@ class Tree:
         if inode is None:
             inode = self._inodes[identity] = self._next_inode
             self._next_inode += 1
-            self._nodes[inode] = Node(inode, kind, name, word, version, key)
+            ref = SecretRef(name, version, key) if kind is Kind.FILE else None
+            self._nodes[inode] = Node(inode, kind, name, word, version, key, ref)
             if kind in (Kind.SECRET, Kind.VERSION, Kind.FILE):
                 self._inodes_by_secret.setdefault(name, set()).add(inode)
         return self._nodes[inode]
