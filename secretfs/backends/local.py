@@ -282,12 +282,16 @@ class LocalBackend:
     def _check_folder_conflict(db: sqlite3.Connection, name: str) -> None:
         """A name may not be a folder of another name, nor have another name as its folder."""
         folders = parent_folders(name)
-        low, high = _prefix_range(name + "/")
+        # Two indexed look-ups; one query with "IN () OR …" would scan the whole index.
         clash = db.execute(
-            f"SELECT name FROM secrets WHERE name IN ({','.join('?' * len(folders))}) "
-            "OR (name >= ? AND name < ?) LIMIT 1",
-            (*folders, low, high),
+            "SELECT name FROM secrets WHERE name >= ? AND name < ? LIMIT 1",
+            _prefix_range(name + "/"),
         ).fetchone()
+        if clash is None and folders:
+            clash = db.execute(
+                f"SELECT name FROM secrets WHERE name IN ({','.join('?' * len(folders))}) "
+                "LIMIT 1", folders,
+            ).fetchone()
         if clash is not None:
             other = clash[0]
             relation = "a folder of" if other.startswith(name + "/") else "inside"
