@@ -7,8 +7,6 @@ The Python API, imported lazily so ``import secretfs`` stays cheap::
 
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
 
 _PUBLIC = {
@@ -24,7 +22,7 @@ _PUBLIC = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'secretfs' has no attribute {name!r}")

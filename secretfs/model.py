@@ -21,7 +21,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from secretfs.errors import InvalidName, InvalidReference, UsageError, ValueTooLarge
+from secretfs.errors import (
+    InvalidName,
+    InvalidReference,
+    KeyNotFound,
+    UsageError,
+    ValueTooLarge,
+)
 
 # -- limits -----------------------------------------------------------------------------------
 
@@ -225,8 +231,6 @@ def decode_value(payload: bytes, is_map: bool) -> Value:
 
 def value_of_key(value: Value, key: str | None, name: str) -> bytes:
     """The bytes of one key of a value (``value`` or None for single-value secrets)."""
-    from secretfs.errors import KeyNotFound
-
     if isinstance(value, bytes):
         if key in (None, SINGLE_VALUE_KEY):
             return value

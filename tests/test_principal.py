@@ -21,10 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secretfs.access import principal
+from secretfs.access.callers import CallerCache, CallerStats
 from secretfs.access.principal import (
     Caller,
-    CallerCache,
-    CallerStats,
     ProcessGone,
     read_process,
     thread_group,
@@ -183,7 +182,7 @@ def test_fake_proc_tree_parses_hostile_command_names(tmp_path: Path) -> None:
        start=st.integers(min_value=0, max_value=2**63))
 def test_start_time_survives_any_command_name(comm: bytes, start: int) -> None:
     line = b"7 (" + comm + b") R " + b" ".join(b"%d" % n for n in range(4, 22))
-    assert principal._start_time(line + b" %d 0 0\n" % start) == start
+    assert principal.parse_start_time(line + b" %d 0 0\n" % start) == start
 
 
 # --- the cache ---------------------------------------------------------------------------------
@@ -480,7 +479,8 @@ def test_importing_the_module_does_not_import_trio() -> None:
 
 REUSE = r"""
 import errno, json, os, subprocess, sys, threading, time
-from secretfs.access.principal import CallerCache
+
+from secretfs.access.callers import CallerCache
 
 if sys.argv[1] == "fallback":
     def refuse(pid, flags=0):

@@ -155,7 +155,7 @@ def mount_options(config: Config) -> set[str]:
 def build_filesystem(config: Config) -> Any:
     """The SecretsFS for *config*: manager, cache, built-in policy."""
     from secretfs.access import OwnerOnly
-    from secretfs.access.principal import CallerCache
+    from secretfs.access.callers import CallerCache
     from secretfs.backends import open_backend
     from secretfs.cache import NO_CACHE, TtlCache
     from secretfs.fs.operations import SecretsFS

@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from secretfs.access.principal import Caller, CallerCache
+from secretfs.access.callers import CallerCache
+from secretfs.access.principal import Caller
 from secretfs.errors import NotFound, SecretfsError
 from secretfs.fs.tree import STATUS_FOLDER, Kind, Node, Tree, resolve_word
 from secretfs.manager import SecretsManager
@@ -71,7 +72,8 @@ class FsStats:
     stale_serves: int = 0
     started: float = field(default_factory=time.time)
     open_latency_ns: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
-    recent_opens: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=32))
+    # (pid, uid, exe, pid namespace, secret, outcome) of the latest opens, newest last
+    recent_opens: deque[tuple[Any, ...]] = field(default_factory=lambda: deque(maxlen=32))
 
     def to_json(self) -> dict[str, Any]:
         latencies = sorted(self.open_latency_ns)
@@ -86,14 +88,13 @@ class FsStats:
             "errors": self.errors, "stale_serves": self.stale_serves,
             "open_latency_us": {"p50": percentile(0.50), "p99": percentile(0.99)},
             "uptime_s": round(time.time() - self.started, 1),
-            "recent_opens": list(self.recent_opens),
+            "recent_opens": [dict(zip(("pid", "uid", "exe", "pid_ns", "secret", "outcome"),
+                                      entry, strict=True)) for entry in self.recent_opens],
         }
 
     def opened(self, caller: Caller, name: str, outcome: str) -> None:
-        self.recent_opens.append({
-            "pid": caller.pid, "uid": caller.uid, "exe": caller.exe, "pid_ns": caller.pid_ns,
-            "secret": name, "outcome": outcome,
-        })
+        self.recent_opens.append(
+            (caller.pid, caller.uid, caller.exe, caller.pid_ns, name, outcome))
 
 
 @dataclass(frozen=True, slots=True)
