@@ -26,6 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from secretfs import config_cache
 from secretfs.errors import ConfigError
 from secretfs.model import parse_duration
 
@@ -212,6 +213,12 @@ class Config:
     source: str | None = None
 
 
+_CLASSES = {cls.__name__: cls for cls in (
+    Config, ManagerConfig, BackendConfig, EncryptionConfig, CacheConfig, RotationSettings,
+    AuditConfig, MountConfig, PrincipalSpec, PolicySpec, Rule, Condition)}
+"""The settings classes by name, for reading a cached parse back (config_cache.py)."""
+
+
 def default_config() -> Config:
     """The embedded default: the local store under data_dir(), no principals, no policies."""
     return Config()
@@ -225,10 +232,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     found = config_path_from_env(path)
     if found is None:
         return default_config()
-    return parse_config(_read_text(found), str(found))
+    data = _read_bytes(found)
+    key = config_cache.stamp(found, data)
+    cached = config_cache.load(found, key, _CLASSES)
+    if cached is not None:
+        return cached
+    config = parse_config(_decode(data, found), str(found))
+    config_cache.store(found, key, config)
+    return config
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)
@@ -239,6 +253,10 @@ def _read_text(path: Path) -> str:
         ) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise _too_large(str(path))
+    return data
+
+
+def _decode(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:

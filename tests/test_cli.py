@@ -280,7 +280,7 @@ def test_get_and_list_import_nothing_heavy(store: Store) -> None:
             capture_output=True, env=store.env(), check=True,
         )
         imported = {line.split("|")[-1].strip() for line in result.stderr.decode().splitlines()}
-        for heavy in ("trio", "pyfuse3", "keyring", "croniter", "psutil"):
+        for heavy in ("trio", "pyfuse3", "keyring", "croniter", "psutil", "yaml"):
             assert heavy not in imported, f"{' '.join(args)} imported {heavy}"
 
 
