@@ -125,15 +125,18 @@ class SecretsFS(pyfuse3.Operations):
         self._folders: dict[int, list[tuple[str, pyfuse3.EntryAttributes]]] = {}
         self._next_handle = 1
         self._cursor: int | None = None  # position in the backend's change feed
-        self._feed_lock: Any = None  # a trio.Lock, made on first use inside trio
+        self._feed_lock: Any = None  # a trio.Lock, made by load_names (inside trio)
 
     # -- helpers ------------------------------------------------------------------------------
 
     async def load_names(self) -> None:
         """(Re)build the folder index from the backend's names, and start following changes
         from here (the cursor is taken first, so nothing written meanwhile is missed)."""
+        import trio
+
         from secretfs.fs.tree import NameIndex
 
+        self._feed_lock = trio.Lock()
         self._cursor, _ = await self.manager.changes_since(None)
         self.tree.index = NameIndex(await self.manager.names())
 
@@ -143,10 +146,6 @@ class SecretsFS(pyfuse3.Operations):
         The daemon calls this twice a second; a lookup that finds nothing calls it too, so a
         name written a moment ago is found at once rather than at the next poll.
         """
-        import trio
-
-        if self._feed_lock is None:
-            self._feed_lock = trio.Lock()
         async with self._feed_lock:
             cursor, names = await self.manager.changes_since(self._cursor)
             self._cursor = cursor
