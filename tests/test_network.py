@@ -43,8 +43,9 @@ def test_this_process_has_no_loopback_in_its_answer() -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
                     or shutil.which("ip") is None, reason="needs root, unshare and ip")
 def test_a_process_in_its_own_network_namespace() -> None:
-    script = ("ip link add dummy0 type dummy && ip addr add 10.1.2.3/24 dev dummy0 && "
-              "ip link set dummy0 up && ip link set lo up && exec sleep 20")
+    script = ("ip link add veth0 type veth peer name veth1 && "
+              "ip addr add 10.1.2.3/24 dev veth0 && ip link set veth0 up && "
+              "ip link set veth1 up && ip link set lo up && exec sleep 20")
     child = subprocess.Popen(["unshare", "--net", "sh", "-c", script])
     try:
         ours = os.stat("/proc/self/ns/net").st_ino
