@@ -629,3 +629,11 @@ def test_import_pulls_in_no_provider_machinery() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_derived_keys_are_stable_per_purpose_and_independent() -> None:
+    key = LocalMasterKey(os.urandom(32))
+    audit = key.derive_key(b"audit log v1")
+    assert len(audit) == 32 and audit == key.derive_key(b"audit log v1")
+    assert audit != key.derive_key(b"something else")
+    assert audit != LocalMasterKey(os.urandom(32)).derive_key(b"audit log v1")

@@ -69,6 +69,10 @@ class MasterKey(Protocol):
         """Return the data key; raise :class:`IntegrityError` if ``wrapped`` is not authentic."""
         ...
 
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A 32-byte key for another purpose (the audit log's MAC), bound to this master key."""
+        ...
+
 
 class LocalMasterKey:
     """A 32-byte master key held in this process's memory.
@@ -99,6 +103,15 @@ class LocalMasterKey:
                 "store integrity error: a wrapped data key failed authentication",
                 "the store was altered; restore it from a backup",
             ) from None
+
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A 32-byte key for *purpose* (e.g. the audit log's MAC key), derived with HKDF-SHA256
+        so that it reveals nothing about the master key or about keys for other purposes."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"secretfs/" + purpose).derive(self._key)
 
     def __repr__(self) -> str:
         return f"LocalMasterKey(key_id={self.key_id!r})"
