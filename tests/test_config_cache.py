@@ -9,23 +9,7 @@ from pathlib import Path
 
 from secretfs import config_cache
 from secretfs.config import _CLASSES, load_config, parse_config
-
-EXAMPLE = """\
-secrets_manager:
-  backend: { type: local, path: store.db, max_versions: 7 }
-  cache: { ttl: 5m }
-principals:
-  service-a: { uid: 1001, exe: "/usr/bin/*" }
-policies:
-  service-a:
-    allow:
-      - { action: read, resources: [db_password, "api_keys/*"] }
-    deny:
-      - { action: delete, resources: ["*"] }
-    conditions:
-      - { type: ip_range, value: 10.0.0.0/8 }
-      - { type: time_window, value: "09:00-17:00" }
-"""
+from tests.test_config import CONTRACT_EXAMPLE as EXAMPLE
 
 LOAD = ("import sys; from secretfs.config import load_config; "
         "c = load_config(sys.argv[1]); print(c.manager.cache.ttl, 'yaml' in sys.modules)")
@@ -57,7 +41,7 @@ def test_any_edit_is_seen_even_with_the_same_size_and_time(tmp_path: Path) -> No
     path.write_text(EXAMPLE)
     load_config(path)
     before = path.stat()
-    path.write_text(EXAMPLE.replace("ttl: 5m", "ttl: 7m"))
+    path.write_text(EXAMPLE.replace("ttl: 300s", "ttl: 420s"))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_size == before.st_size
     assert load_config(path).manager.cache.ttl == 420.0
