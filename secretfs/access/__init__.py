@@ -2,7 +2,7 @@
 
 The manager asks ``AccessControl.check(caller, action, resource)`` before every operation and
 records the answer in the audit log. Principals (who a caller is) and policies (what a principal
-may do) fill this in; until a policy is configured, ``ALLOW_ALL`` answers.
+may do) fill this in (policy.py); one-shot commands on the embedded store use ``ALLOW_ALL``.
 """
 
 from __future__ import annotations
@@ -35,22 +35,4 @@ class AllowAll:
 
 ALLOW_ALL = AllowAll()
 
-
-class OwnerOnly:
-    """The built-in policy of a mount with no policies configured: root and the user who
-    mounted may do everything, nobody else anything (like a 0700 folder)."""
-
-    def __init__(self, owner_uid: int) -> None:
-        self.owner_uid = owner_uid
-
-    def check(self, caller: Caller | None, action: str, resource: str) -> Decision:
-        if caller is None or caller.uid in (0, self.owner_uid):
-            who = "this process" if caller is None else f"uid {caller.uid}"
-            return Decision(True, who, "built-in policy: root and the mount owner")
-        return Decision(
-            False, f"uid {caller.uid}",
-            f"built-in policy: only root and the mount owner (uid {self.owner_uid}) may "
-            f"{action}; configure policies to grant others",
-        )
-
-__all__ = ["ACTIONS", "ALLOW_ALL", "AccessControl", "AllowAll", "Caller", "Decision", "OwnerOnly"]
+__all__ = ["ACTIONS", "ALLOW_ALL", "AccessControl", "AllowAll", "Caller", "Decision"]

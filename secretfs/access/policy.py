@@ -395,7 +395,7 @@ class PolicyEngine:
 
 def builtin_policy(owner_uid: int) -> PolicyEngine:
     """The built-in policy as an ordinary one: root and *owner_uid* may do everything, others
-    nothing (the answers of ``OwnerOnly``)."""
+    nothing — like a 0700 folder."""
     from secretfs.config import PrincipalSpec
 
     everything = AccessPolicy(allow=(Rule(frozenset({"*"}), ("*",)),))
@@ -404,6 +404,19 @@ def builtin_policy(owner_uid: int) -> PolicyEngine:
         principals["owner"] = PrincipalSpec(name="owner", uid=owner_uid)
     policies = {name: everything for name in principals}
     return PolicyEngine(principals, policies)
+
+
+def access_control(config: Config, owner_uid: int) -> PolicyEngine:
+    """The access control a configuration asks for: its principals and policies, with each
+    caller's network-namespace addresses as the facts of ip_range conditions; or, with no
+    policies configured, the built-in policy (root and *owner_uid* only)."""
+    if not config.policies:
+        return builtin_policy(owner_uid)
+    from secretfs.access.network import AddressCache
+
+    addresses = AddressCache()
+    return PolicyEngine.from_config(
+        config, facts=lambda caller: CallerFacts(addresses=addresses.addresses(caller.pid)))
 
 
 # -- default resolvers of principal matchers (these read /proc) -----------------------------------

@@ -154,8 +154,8 @@ def mount_options(config: Config) -> set[str]:
 
 def build_filesystem(config: Config) -> Any:
     """The SecretsFS for *config*: manager, cache, built-in policy."""
-    from secretfs.access import OwnerOnly
     from secretfs.access.callers import CallerCache
+    from secretfs.access.policy import access_control
     from secretfs.backends import open_backend
     from secretfs.cache import NO_CACHE, TtlCache
     from secretfs.fs.operations import SecretsFS
@@ -164,7 +164,7 @@ def build_filesystem(config: Config) -> Any:
     settings = config.manager.cache
     cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
                       max_stale=settings.max_stale) if settings.enabled else NO_CACHE)
-    sync = SyncSecretsManager(open_backend(config), access=OwnerOnly(os.geteuid()))
+    sync = SyncSecretsManager(open_backend(config), access=access_control(config, os.geteuid()))
     manager = SecretsManager(sync, cache=cache)
     callers = CallerCache()
 
@@ -244,18 +244,21 @@ async def _handle_signals(filesystem: Any, config_source: str | None) -> None:
 
 
 def _reload(filesystem: Any, config_source: str | None) -> None:
-    """SIGHUP: take the new configuration, or keep the old one if it does not validate."""
+    """SIGHUP: take the new configuration (cache settings, principals and policies: the next
+    open is decided by them), or keep the old one if it does not validate."""
     try:
         config = load_config(config_source)
     except SecretfsError as error:
         log.error("config reload rejected, keeping the running configuration: %s", error)
         return
+    from secretfs.access.policy import access_control
     from secretfs.cache import NO_CACHE, TtlCache
 
     settings = config.manager.cache
     filesystem.manager.cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
                                          max_stale=settings.max_stale)
                                 if settings.enabled else NO_CACHE)
+    filesystem.manager.sync.access = access_control(config, os.geteuid())
     log.info("configuration reloaded from %s (backend and mount options need a restart)",
              config.source or "the embedded default")
 

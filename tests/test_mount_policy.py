@@ -1,0 +1,84 @@
+"""Policies through a real mount: principals from uid and exe, listings filtered, SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Store, make_store
+from tests.mounting import as_user, mounted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="real mounts need root and /dev/fuse")
+
+POLICY = """\
+principals:
+  service-a: {{ uid: 4242{exe} }}
+policies:
+  service-a:
+    allow:
+      - {{ action: [read, list], resources: [db_password, "api_keys/*"] }}
+    deny:
+      - {{ action: delete, resources: ["*"] }}
+"""
+
+
+@pytest.fixture
+def policed(tmp_path: Path):
+    folder = Path(tempfile.mkdtemp(prefix="secretfs-test-"))
+    folder.chmod(0o755)
+    store = make_store(tmp_path / "store")
+    yield store, folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def with_policy(store: Store, exe: str = "") -> None:
+    store.config.write_text(store.config.read_text() + POLICY.format(exe=exe))
+
+
+def test_a_principal_reads_what_its_policy_allows(policed) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    store.put("api_keys/stripe", "sk-" + os.urandom(4).hex())
+    store.put("other_secret", "no-" + os.urandom(4).hex())
+    with_policy(store)
+    with mounted(store, folder / "mnt") as mount:
+        ok = as_user(4242, "cat", str(mount.path / "db_password/latest/value"))
+        assert ok.returncode == 0 and ok.stdout == store.get("db_password")
+        denied = as_user(4242, "cat", str(mount.path / "other_secret/latest/value"))
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+        listing = as_user(4242, "ls", str(mount.path))
+        assert listing.stdout.split() == [b"api_keys", b"db_password"]
+        stranger = as_user(4343, "cat", str(mount.path / "db_password/latest/value"))
+        assert stranger.returncode != 0
+
+
+def test_an_exe_rule_admits_only_that_program(policed) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    with_policy(store, exe=', exe: "/usr/bin/cat"')
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        assert as_user(4242, "/usr/bin/cat", target).returncode == 0
+        assert as_user(4242, "/usr/bin/head", "-c", "100", target).returncode != 0
+
+
+def test_a_policy_edit_and_sighup_change_the_next_open(policed) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    with_policy(store)
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        assert as_user(4242, "cat", target).returncode == 0
+        store.config.write_text(store.config.read_text().replace("db_password, ", ""))
+        mount.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "configuration reloaded" not in mount.log_text():
+            time.sleep(0.05)
+        assert as_user(4242, "cat", target).returncode != 0
