@@ -362,6 +362,80 @@ def cmd_undelete(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- secrets check-access ---------------------------------------------------------------------
+
+
+class _FixedClock:
+    """`--at`: evaluate time windows at that moment."""
+
+    def __init__(self, moment: Any) -> None:
+        self.moment = moment
+
+    def now(self) -> Any:
+        return self.moment
+
+
+def _process_caller(pid: int) -> Any:
+    """The Caller a request from process *pid* would carry (its effective uid and gid)."""
+    from secretfs.access.principal import ProcessGone, read_process
+    from secretfs.errors import NotFound
+
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            fields = dict(line.split(b":", 1) for line in status if b":" in line)
+        uid, gid = int(fields[b"Uid"].split()[1]), int(fields[b"Gid"].split()[1])
+        return read_process(pid, uid, gid)
+    except (OSError, KeyError, ProcessGone):
+        raise NotFound(f"no process {pid}", "give the pid of a running process") from None
+
+
+def cmd_check_access(args: argparse.Namespace) -> int:
+    from secretfs.access.policy import CallerFacts, access_control
+    from secretfs.errors import UsageError
+
+    given = [flag for flag, value in (("--principal", args.principal), ("--pid", args.pid),
+                                      ("--uid", args.uid)) if value is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --principal, --pid or --uid")
+    options: dict[str, Any] = {}
+    if args.at is not None:
+        from datetime import datetime
+
+        try:
+            moment = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise UsageError(f"--at: {args.at!r} is not an ISO time",
+                             "e.g. 2026-01-05T10:00 or 2026-01-05T10:00+01:00") from None
+        options["clock"] = _FixedClock(moment if moment.tzinfo else moment.astimezone())
+    facts = None
+    if args.address is not None:
+        import ipaddress
+
+        try:
+            facts = CallerFacts(addresses=(ipaddress.ip_address(args.address),))
+        except ValueError:
+            raise UsageError(f"--address: {args.address!r} is not an IP address") from None
+        options["facts"] = lambda caller: facts
+    engine = access_control(_config(args), os.geteuid(), **options)
+    if args.principal is not None:
+        decision = engine.check_access(args.principal, args.action, args.resource, facts)
+    else:
+        from secretfs.access.principal import Caller
+
+        caller = (_process_caller(args.pid) if args.pid is not None
+                  else Caller(uid=args.uid, gid=args.uid, pid=0))
+        decision = engine.check(caller, args.action, args.resource)
+    verdict = "allow" if decision.allowed else "deny"
+    if args.json:
+        _print_json({"decision": verdict, "principal": decision.principal,
+                     "reason": decision.reason, "action": args.action,
+                     "resource": args.resource})
+    else:
+        print(f"{verdict}: {decision.reason}")
+        print(f"principal: {decision.principal}")
+    return 0 if decision.allowed else 1
+
+
 # -- mount / umount ---------------------------------------------------------------------------
 
 
@@ -489,6 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--version", type=_positive, metavar="V", help="only this version")
     rm.add_argument("--destroy", action="store_true",
                     help="erase the value(s) for good instead of a recoverable delete")
+
+    check = command(verbs, "check-access", cmd_check_access,
+                    "would this caller be allowed? (exit 0: allow, 1: deny)")
+    check.add_argument("--principal", metavar="P", help="a principal of the configuration")
+    check.add_argument("--pid", type=_count, metavar="PID",
+                       help="a running process, identified as the filesystem would")
+    check.add_argument("--uid", type=_count, metavar="UID", help="a uid (no process facts)")
+    check.add_argument("--action", required=True,
+                       choices=["read", "list", "write", "delete", "rotate"])
+    check.add_argument("--resource", required=True, metavar="R", help="a secret name")
+    check.add_argument("--address", metavar="IP",
+                       help="evaluate ip_range conditions for this address")
+    check.add_argument("--at", metavar="TIME",
+                       help="evaluate time_window conditions at this ISO time")
+    check.add_argument("--json", action="store_true")
 
     undelete = command(verbs, "undelete", cmd_undelete, "restore what 'rm' deleted")
     undelete.add_argument("name", metavar="NAME")

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from secretfs.access import Decision
 from secretfs.access.principal import Caller
@@ -406,17 +406,19 @@ def builtin_policy(owner_uid: int) -> PolicyEngine:
     return PolicyEngine(principals, policies)
 
 
-def access_control(config: Config, owner_uid: int) -> PolicyEngine:
+def access_control(config: Config, owner_uid: int, **options: Any) -> PolicyEngine:
     """The access control a configuration asks for: its principals and policies, with each
     caller's network-namespace addresses as the facts of ip_range conditions; or, with no
-    policies configured, the built-in policy (root and *owner_uid* only)."""
+    policies configured, the built-in policy (root and *owner_uid* only). *options* go to
+    PolicyEngine (a fixed clock or facts, for `secrets check-access --at/--address`)."""
     if not config.policies:
         return builtin_policy(owner_uid)
-    from secretfs.access.network import AddressCache
+    if "facts" not in options:
+        from secretfs.access.network import AddressCache
 
-    addresses = AddressCache()
-    return PolicyEngine.from_config(
-        config, facts=lambda caller: CallerFacts(addresses=addresses.addresses(caller.pid)))
+        addresses = AddressCache()
+        options["facts"] = lambda caller: CallerFacts(addresses=addresses.addresses(caller.pid))
+    return PolicyEngine.from_config(config, **options)
 
 
 # -- default resolvers of principal matchers (these read /proc) -----------------------------------
