@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -82,3 +83,51 @@ def test_a_policy_edit_and_sighup_change_the_next_open(policed) -> None:
         while time.monotonic() < deadline and "configuration reloaded" not in mount.log_text():
             time.sleep(0.05)
         assert as_user(4242, "cat", target).returncode != 0
+
+
+NETWORK_POLICY = """\
+principals:
+  service-a: { uid: 4242 }
+policies:
+  service-a:
+    allow:
+      - { action: read, resources: ["*"] }
+    conditions:
+      - { type: ip_range, value: 10.0.0.0/8 }
+"""
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2")
+def test_ip_range_follows_the_network_namespace_of_the_reader(policed) -> None:
+    store, folder = policed
+    value = "pw-" + os.urandom(4).hex()
+    store.put("db_password", value)
+    store.config.write_text(store.config.read_text() + NETWORK_POLICY)
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        inside = subprocess.run(
+            ["unshare", "--net", "sh", "-c",
+             "ip link add veth0 type veth peer name veth1 && "
+             "ip addr add 10.1.2.3/24 dev veth0 && ip link set veth0 up && "
+             f"ip link set veth1 up && exec setpriv --reuid=4242 --regid=4242 --clear-groups "
+             f"cat {target}"], capture_output=True, timeout=30)
+        assert inside.returncode == 0, inside.stderr
+        assert inside.stdout == value.encode()
+        outside = as_user(4242, "cat", target)
+        assert outside.returncode != 0 and b"Permission denied" in outside.stderr
+
+
+def test_a_binary_bind_mounted_over_the_allowed_exe_is_refused(policed) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    store.config.write_text(store.config.read_text() + POLICY.format(exe=', exe: "/usr/bin/cat"')
+                            .replace("uid: 4242", "uid: 65534"))
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        assert as_user(65534, "/usr/bin/cat", target).returncode == 0  # the real cat
+        probe = as_user(65534, "unshare", "-Urm", "true")
+        if probe.returncode != 0:
+            pytest.skip("unprivileged user namespaces are not available here")
+        spoof = as_user(65534, "unshare", "-Urm", "sh", "-c",
+                        f"mount --bind /usr/bin/head /usr/bin/cat && /usr/bin/cat {target}")
+        assert spoof.returncode != 0 and b"Permission denied" in spoof.stderr
