@@ -39,6 +39,7 @@ from secretfs.model import (
 )
 
 if TYPE_CHECKING:
+    from secretfs.access.policy import AccessPolicy, PolicyEngine
     from secretfs.cache import Cached, ValueCache
     from secretfs.config import Config
 
@@ -381,6 +382,25 @@ class SecretsManager:
     async def versions(self, name: str, *, caller: Caller | None = None
                        ) -> tuple[VersionInfo, ...]:
         return (await self.info(name, caller=caller)).versions
+
+    # -- the seed's access-control API ---------------------------------------------------------
+
+    def _engine(self) -> PolicyEngine:
+        from secretfs.access.policy import PolicyEngine
+
+        if not isinstance(self.sync.access, PolicyEngine):  # no policy yet: start an empty one
+            self.sync.access = PolicyEngine({}, {})
+        return self.sync.access
+
+    async def apply_policy(self, name: str, policy: AccessPolicy, *,
+                           caller: Caller | None = None) -> None:
+        """Set the policy of principal *name*; the next decision uses it."""
+        self.sync.authorize(caller, "write", f"policy:{name}", "policy")  # by the rules so far
+        self._engine().apply_policy(name, policy)
+
+    async def check_access(self, principal: str, action: str, resource: str) -> bool:
+        """Whether principal *principal* may *action* *resource* (conditions: no facts)."""
+        return self._engine().check_access(principal, action, resource).allowed
 
     async def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
         return await self._run(self.sync.backend.changes_since, cursor)

@@ -119,3 +119,16 @@ def test_every_operation_passes_the_door(sync: SyncSecretsManager) -> None:
     assert [(e, r, ok) for e, r, ok, _ in audit.events] == [
         ("read", "db", True), ("denied", "db", False), ("denied", "db", False)]
     assert sync.read("db") == b"v"  # nothing changed
+
+
+async def test_the_seeds_apply_policy_and_check_access(manager: SecretsManager) -> None:
+    from secretfs.access.policy import AccessPolicy
+
+    policy = (AccessPolicy().with_allow("read", "db_password").with_allow("write", "api_keys/*")
+              .with_deny("delete", "*"))
+    await manager.apply_policy("service-a", policy)
+    assert await manager.check_access("service-a", "read", "db_password")
+    assert await manager.check_access("service-a", "write", "api_keys/stripe")
+    assert not await manager.check_access("service-a", "delete", "db_password")
+    assert not await manager.check_access("service-a", "read", "other")
+    assert not await manager.check_access("service-b", "read", "db_password")
