@@ -10,6 +10,7 @@ about a second and reporting every iteration's time; targets take turns, round a
 that noise on this shared machine hits each alike. Results are percentiles of all samples.
 Targets:
   warm read      secretfs p50 ≤ 1.3× the floor's p50
+  policy         the same reads decided by a 50-rule policy ≤ 1.15× the built-in policy's
   concurrency    4 readers at once: aggregate opens/s ≥ one reader's; p99 ≤ 5× p50
   scale          daemon RSS ≤ 300 MB and `ls` of the top folder ≤ 3 s with 1k (and, with
                  --large, 100k) secrets; a warm open at 100k within 1.2× of one at 1k
@@ -47,6 +48,12 @@ TARGET_TAIL_RATIO = 5.0
 TARGET_RSS_MB = 300.0
 TARGET_LS_SECONDS = 3.0
 TARGET_SCALE_RATIO = 1.2
+TARGET_POLICY_RATIO = 1.15
+POLICY_LABEL = "secretfs 50-rule policy"
+# The reader (root) is principal `bench`; 49 rules that do not match come before the one that does.
+FIFTY_RULES = "principals:\n  bench: { uid: 0 }\npolicies:\n  bench:\n    allow:\n" + "".join(
+    f"      - {{ action: read, resources: [\"team{i}/*\"] }}\n" for i in range(49)
+) + "      - { action: [read, list], resources: [\"bench/*\", \"s*\"] }\n"
 CONFIG = (
     "secrets_manager:\n"
     "  backend: { type: local, path: store.db }\n"
@@ -479,6 +486,18 @@ def run(options: argparse.Namespace) -> None:
                 wait_until_answering(mount, target.path, target.expected)
                 stores[label] = (store, mount)
                 targets.append(target)
+                if size == options.secrets:  # the same store, decided by a 50-rule policy
+                    policed = store.config.with_name("policy.yaml")
+                    policed.write_text(CONFIG + FIFTY_RULES)
+                    mount = stack.enter_context(mounted(
+                        POLICY_LABEL, [sys.executable, "-m", "secretfs", "mount",
+                                       str(folder / "mnt-policy"), "--foreground"],
+                        folder / "mnt-policy", folder / "mount-policy.log",
+                        secretfs_env(policed)))
+                    policy_target = Target(POLICY_LABEL, mount.mountpoint / "bench" / "value"
+                                           / "latest" / "value", store.value)
+                    wait_until_answering(mount, policy_target.path, policy_target.expected)
+                    targets.append(policy_target)
 
         secretfs_labels = list(stores)
         main_label = secretfs_labels[0] if secretfs_labels else None
@@ -511,6 +530,11 @@ def run(options: argparse.Namespace) -> None:
                   f"{reads[main_label].p50 / reads[tmpfs.label].p50:.1f}× (no target)")
         else:
             print("  secretfs not measured (--floor-only)")
+        if POLICY_LABEL in reads and main_label:
+            ratio = reads[POLICY_LABEL].p50 / reads[main_label].p50
+            print(f"  {POLICY_LABEL} p50 / built-in policy p50 = {ratio:.2f}×  target ≤ "
+                  f"{TARGET_POLICY_RATIO}×  {verdict(ratio <= TARGET_POLICY_RATIO)} "
+                  "(auditing is not wired into the mount yet)")
         report_concurrency(together, options.readers, options.concurrency_rounds,
                            options.concurrency_seconds, [main_label] if main_label else [])
         if not scale:
