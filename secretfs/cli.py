@@ -436,6 +436,48 @@ def cmd_check_access(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+# -- audit ----------------------------------------------------------------------------------
+
+
+def _audit_key(args: argparse.Namespace) -> tuple[Any, bytes]:
+    from secretfs.auditlog import audit_key
+    from secretfs.crypto.keys import load_master_key
+
+    config = _config(args)
+    encryption = config.manager.encryption
+    master = load_master_key(encryption.provider, encryption.key_file, create=False)
+    return config.manager.audit.path, audit_key(master)
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    from secretfs.auditlog import tail
+
+    path = _config(args).manager.audit.path
+    records = tail(path, args.lines) if path.exists() else []
+    if args.json:
+        _print_json(records)
+        return 0
+    for record in records:
+        caller = record.get("caller") or {}
+        print(f"{record.get('time')}  {record.get('event'):<8} {record.get('decision'):<5} "
+              f"{record.get('resource')}  pid={caller.get('pid')} uid={caller.get('uid')} "
+              f"principal={record.get('principal')}  {record.get('reason')}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from secretfs.auditlog import verify
+
+    path, key = _audit_key(args)
+    result = verify(path, key)
+    if result.ok:
+        print(f"audit log intact: {result.lines} lines ({path})")
+        return 0
+    print(f"secretfs: audit log tampered: {result.file}:{result.first_bad_line}: "
+          f"{result.problem}", file=sys.stderr)
+    return 1
+
+
 # -- mount / umount ---------------------------------------------------------------------------
 
 
@@ -503,6 +545,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="daemon log (default: mount.log beside the audit log)")
     umount = command(commands, "umount", cmd_umount, "unmount a secretfs mount")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    audit = commands.add_parser("audit", help="read and verify the audit log")
+    audit_verbs = audit.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                       parser_class=_Parser)
+    tail = command(audit_verbs, "tail", cmd_audit_tail, "the last records of the audit log")
+    tail.add_argument("-n", "--lines", type=_count, default=20, metavar="N")
+    tail.add_argument("--json", action="store_true")
+    command(audit_verbs, "verify", cmd_audit_verify,
+            "check the hash chain (exit 1 and the first bad line on tampering)")
 
     secrets = commands.add_parser("secrets", help="store, read, list and remove secrets")
     verbs = secrets.add_subparsers(dest="verb", required=True, metavar="VERB",

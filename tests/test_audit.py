@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 from secretfs.access import Decision
 from secretfs.access.principal import Caller
-from secretfs.audit import NO_AUDIT, AuditLog, AuditUnavailable, audit_key, tail, verify
+from secretfs.audit import NO_AUDIT
+from secretfs.auditlog import AuditLog, AuditUnavailable, audit_key, tail, verify
+from secretfs.crypto.keys import LocalMasterKey
 
-KEY = audit_key(b"k" * 32)
+KEY = audit_key(LocalMasterKey(b"k" * 32))
 ALLOW = Decision(True, "svc", "rule 1")
 DENY = Decision(False, "svc", "no matching allow")
 CALLER = Caller(uid=1001, gid=1001, pid=42, start_time=7, exe="/usr/bin/app", pid_ns=4026531836)
@@ -35,7 +37,7 @@ def lines(path: Path) -> list[str]:
 
 
 def test_audit_key_and_noaudit():
-    assert len(KEY) == 32 and audit_key(b"j" * 32) != KEY
+    assert len(KEY) == 32 and audit_key(LocalMasterKey(b"j" * 32)) != KEY
     assert NO_AUDIT.record("read", caller=None, resource="x", decision=ALLOW) is None
 
 
@@ -96,7 +98,7 @@ def test_forged_append_detected(tmp_path):
         f.write(json.dumps(forged, sort_keys=True, separators=(",", ":")) + "\n")
     r = verify(p, KEY)
     assert not r.ok and r.first_bad_line == 4 and "MAC" in r.problem
-    assert not verify(tmp_path / "audit.log", audit_key(b"x" * 32)).ok
+    assert not verify(tmp_path / "audit.log", audit_key(LocalMasterKey(b"x" * 32))).ok
 
 
 def test_restart_continues_chain(tmp_path):

@@ -114,7 +114,7 @@ class LocalBackend:
         self._db = connection
         self._lock = threading.Lock()
         self.path = path
-        self._master_key = master_key
+        self.master_key = master_key
         self.max_versions = max_versions
 
     # -- opening ------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class LocalBackend:
                 db.executemany(
                     "INSERT INTO store_info VALUES (?, ?)",
                     [("schema_version", str(SCHEMA_VERSION)),
-                     ("master_key_id", self._master_key.key_id),
+                     ("master_key_id", self.master_key.key_id),
                      ("created", datetime.now(UTC).isoformat())],
                 )
             info = dict(db.execute("SELECT key, value FROM store_info"))
@@ -215,10 +215,10 @@ class LocalBackend:
 
     def write_version(self, name: str, value: Value, *, label: Label = Label.CURRENT,
                       cas: int | None = None, metadata: MetadataUpdate | None = None) -> int:
-        if self._master_key.key_id != self.store_key_id:
+        if self.master_key.key_id != self.store_key_id:
             raise WrongMasterKey(
                 f"store {self.path} is sealed by master key '{self.store_key_id}', "
-                f"but the configured master key is '{self._master_key.key_id}'",
+                f"but the configured master key is '{self.master_key.key_id}'",
                 "point encryption.key_file (or the provider) at the key that created this store",
             )
         now = time.time()
@@ -254,7 +254,7 @@ class LocalBackend:
                         f"check-and-set failed: current version of {name!r} is {current}, "
                         f"not {cas}", "read it again and retry with the new version",
                     )
-            sealed = seal(self._master_key, payload, associated_data(name, version))
+            sealed = seal(self.master_key, payload, associated_data(name, version))
             db.execute(
                 "INSERT INTO versions (name, version, created, is_map, keys, sizes, key_id, "
                 "wrapped_key, nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -440,7 +440,7 @@ class LocalBackend:
                 f"undelete it with 'secretfs secrets undelete {name} --version {version}'",
             )
         payload = open_sealed(
-            self._master_key,
+            self.master_key,
             SealedValue(key_id, wrapped_key, nonce, ciphertext),
             associated_data(name, version),
             what=f"version {version} of {name!r}",

@@ -156,6 +156,7 @@ def build_filesystem(config: Config) -> Any:
     """The SecretsFS for *config*: manager, cache, built-in policy."""
     from secretfs.access.callers import CallerCache
     from secretfs.access.policy import access_control
+    from secretfs.audit import open_audit
     from secretfs.backends import open_backend
     from secretfs.cache import NO_CACHE, TtlCache
     from secretfs.fs.operations import SecretsFS
@@ -164,7 +165,9 @@ def build_filesystem(config: Config) -> Any:
     settings = config.manager.cache
     cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
                       max_stale=settings.max_stale) if settings.enabled else NO_CACHE)
-    sync = SyncSecretsManager(open_backend(config), access=access_control(config, os.geteuid()))
+    backend = open_backend(config)
+    sync = SyncSecretsManager(backend, access=access_control(config, os.geteuid()),
+                              audit=open_audit(config, master_key_of(config, backend)))
     manager = SecretsManager(sync, cache=cache)
     callers = CallerCache()
 
@@ -175,6 +178,17 @@ def build_filesystem(config: Config) -> Any:
 
     filesystem = SecretsFS(manager, callers, status=status)
     return filesystem
+
+
+def master_key_of(config: Config, backend: Any) -> Any:
+    """The master key: the one the backend holds (local), else the configured provider's."""
+    key = getattr(backend, "master_key", None)
+    if key is None:
+        from secretfs.crypto.keys import load_master_key
+
+        key = load_master_key(config.manager.encryption.provider,
+                              config.manager.encryption.key_file, create=False)
+    return key
 
 
 async def serve(config_source: str | None, config: Config, mountpoint: Path,
@@ -189,6 +203,9 @@ async def serve(config_source: str | None, config: Config, mountpoint: Path,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(filesystem.callers.run)
+            audit = filesystem.manager.sync.audit
+            if hasattr(audit, "run"):  # the log flushes at least every second, and on the way out
+                nursery.start_soon(audit.run)
             nursery.start_soon(_follow_changes, filesystem)
             nursery.start_soon(_handle_signals, filesystem, config_source)
             nursery.start_soon(_announce_when_answering, mountpoint, report)

@@ -1,0 +1,413 @@
+"""The audit log: one JSON object per line, hash-chained and MAC'd, never a value.
+
+Each line carries the hash of the previous line and an HMAC (under a key derived from the master
+key) of its own content with that hash, so `verify` names the first line that was altered,
+removed, reordered or appended by hand. Records are buffered so a warm read never waits for the
+disk; denials are written at once; a trio task flushes at least every second. docs/audit.md has
+the details and the limits. audit.py holds the seam the manager calls; this is what sits behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from secretfs.access import Decision
+from secretfs.access.principal import Caller
+from secretfs.errors import SecretfsError
+
+if TYPE_CHECKING:
+    from secretfs.crypto.keys import MasterKey
+
+__all__ = ["AuditLog", "AuditUnavailable", "VerifyResult", "audit_key", "tail", "verify"]
+
+log = logging.getLogger("secretfs.audit")
+
+GENESIS = "0" * 64
+FORBIDDEN_FIELDS = frozenset({"value", "secret", "password", "data"})
+ROTATE_SIZE = 64 * 1024 * 1024
+ROTATE_AGE = 86400.0
+_STAMP = "%Y%m%dT%H%M%S"
+_STAMP_RE = re.compile(r"^\d{8}T\d{6}$")
+
+
+
+
+class AuditUnavailable(SecretfsError):
+    """The audit log cannot be written (and the configuration is fail-closed)."""
+
+    exit_code = 1
+    errno = _errno.EIO
+
+
+def audit_key(master_key: MasterKey) -> bytes:
+    """The 32-byte MAC key of the audit log: derived from the master key (HKDF-SHA256), so
+    whoever cannot read the store cannot forge the log either."""
+    return master_key.derive_key(b"audit log v1")
+
+
+def canonical(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def line_hash(line: str) -> str:
+    """SHA-256 of a line's full text (without its newline), hex."""
+    return hashlib.sha256(line.encode()).hexdigest()
+
+
+def _mac(key: bytes, prev: str, body: dict[str, Any]) -> str:
+    return hmac.new(key, bytes.fromhex(prev) + canonical(body).encode(), hashlib.sha256).hexdigest()
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _last_lines(path: Path, n: int) -> list[str]:
+    """The last *n* non-empty lines of *path*, reading backwards from the end in blocks."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        pos = f.tell()
+        data = b""
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    lines = [x for x in data.split(b"\n") if x.strip()]
+    if pos > 0:  # the first piece may be a partial line
+        lines = lines[1:]
+    return [x.decode("utf-8", "replace") for x in lines[-n:]] if n > 0 else []
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except OSError:
+        return None
+    return first.decode("utf-8", "replace").strip() or None
+
+
+def _parse_time(s: str) -> float | None:
+    try:
+        return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """Rotated predecessors of *path* still present, oldest first."""
+    prefix = path.name + "."
+    found = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        if p.name.startswith(prefix) and _STAMP_RE.match(p.name[len(prefix):]):
+            found.append(p)
+    return sorted(found, key=lambda p: p.name)
+
+
+class AuditLog:
+    """The hash-chained, HMAC-authenticated audit log (an :class:`AuditSink`).
+
+    ``record`` never touches the disk except for denials; :meth:`run` (a trio task) flushes the
+    buffer at least every ``interval`` seconds and once more at shutdown.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        *,
+        log_level: str = "info",
+        retention: float = 90 * 86400,
+        fail_open: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self._key = bytes(key)
+        self.debug = log_level == "debug"
+        self.retention = retention
+        self.fail_open = fail_open
+        self._clock = clock
+        self._buf: list[str] = []
+        self._buf_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._requests = itertools.count(1)
+        self._healthy = True
+        self._error_logged = False
+        self._prev = GENESIS
+        self._file_started: float | None = None
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.path.exists():
+                last = _last_lines(self.path, 1)
+                if last:
+                    self._prev = line_hash(last[0])
+                    first = _first_line(self.path)
+                    try:
+                        self._file_started = _parse_time(json.loads(first or "{}").get("time"))
+                    except ValueError:
+                        self._file_started = None
+            else:
+                rotated = rotated_files(self.path)
+                if rotated:  # the current file was rotated away: continue from the last one
+                    last = _last_lines(rotated[-1], 1)
+                    if last:
+                        self._prev = line_hash(last[0])
+        except OSError as e:
+            self._fail(e)
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False after a failed write, until a write succeeds."""
+        return self._healthy
+
+    def _fail(self, e: OSError) -> None:
+        self._healthy = False
+        if not self._error_logged:
+            self._error_logged = True
+            log.error("audit log %s cannot be written: %s", self.path, e.strerror or e)
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def record(
+        self, event: str, *, caller: Caller | None, resource: str, decision: Decision, **fields: Any
+    ) -> None:
+        if event.startswith("cache.") and not self.debug:
+            return
+        for name in list(fields):
+            if name.lower() in FORBIDDEN_FIELDS:
+                log.warning("audit field %r dropped: values are never recorded", name)
+                del fields[name]
+        if caller is None:
+            who: dict[str, Any] = {"process": "self", "uid": os.geteuid(), "pid": os.getpid()}
+        else:
+            who = {
+                "uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "exe": caller.exe,
+                "pid_ns": caller.pid_ns, "start_time": caller.start_time,
+            }
+        body: dict[str, Any] = dict(fields)
+        body.update(
+            time=_iso(self._clock()), event=event, request=next(self._requests), caller=who,
+            principal=decision.principal, resource=resource,
+            decision="allow" if decision.allowed else "deny", reason=decision.reason,
+        )
+        with self._buf_lock:
+            body["prev"] = self._prev
+            body["mac"] = _mac(self._key, self._prev, body)
+            line = canonical(body)
+            self._prev = line_hash(line)
+            self._buf.append(line)
+        if not decision.allowed:
+            try:
+                self.flush()
+            except AuditUnavailable:
+                if not self.fail_open:
+                    raise
+            return
+        if not self._healthy and not self.fail_open:
+            raise AuditUnavailable(
+                f"audit log {self.path} cannot be written",
+                "operation refused: audit.fail_open is false; fix the disk or the path",
+            )
+
+    def flush(self) -> None:
+        """Write the buffered lines (one write, then fsync); AuditUnavailable on failure."""
+        with self._write_lock:
+            with self._buf_lock:
+                lines, self._buf = self._buf, []
+            if not lines:
+                return
+            data = ("\n".join(lines) + "\n").encode()
+            try:
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                fd = os.open(self.path, flags, 0o600)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                with self._buf_lock:
+                    self._buf[:0] = lines
+                self._fail(e)
+                raise AuditUnavailable(
+                    f"audit log {self.path} cannot be written", e.strerror or str(e)
+                ) from None
+            if self._file_started is None:
+                self._file_started = self._clock()
+            if not self._healthy:
+                log.warning("audit log %s writable again", self.path)
+            self._healthy = True
+            self._error_logged = False
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Flush at least every *interval* seconds; flush once more when cancelled."""
+        import trio
+
+        try:
+            while True:
+                await trio.sleep(interval)
+                # a failure is logged once; healthy is False until a write succeeds
+                with contextlib.suppress(AuditUnavailable):
+                    await trio.to_thread.run_sync(self.flush)
+        finally:
+            with contextlib.suppress(AuditUnavailable):
+                self.flush()
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def prune(self) -> None:
+        """Rotate the current file if older than a day or over 64 MiB; delete old rotated files."""
+        now = self._clock()
+        with self._write_lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            except OSError as e:
+                self._fail(e)
+                raise AuditUnavailable(f"audit log {self.path} cannot be read", str(e)) from None
+            if st is not None and st.st_size > 0:
+                started = self._file_started if self._file_started is not None else st.st_mtime
+                if st.st_size > ROTATE_SIZE or now - started > ROTATE_AGE:
+                    stamp = datetime.fromtimestamp(now, UTC).strftime(_STAMP)
+                    target = self.path.with_name(f"{self.path.name}.{stamp}")
+                    n = 1
+                    while target.exists():  # two rotations in one second
+                        stamp = datetime.fromtimestamp(now + n, UTC).strftime(_STAMP)
+                        target = self.path.with_name(f"{self.path.name}.{stamp}")
+                        n += 1
+                    os.rename(self.path, target)
+                    self._file_started = None
+        for p in rotated_files(self.path):
+            stamp = p.name[len(self.path.name) + 1:]
+            t = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC).timestamp()
+            if now - t > self.retention:
+                try:
+                    last = _last_lines(p, 1)
+                    if last:  # the anchor the next file's first line must link to
+                        _write_anchor(self.path, line_hash(last[0]))
+                    p.unlink()
+                except OSError as e:
+                    log.warning("cannot delete old audit file %s: %s", p, e)
+
+
+def _anchor_path(path: Path) -> Path:
+    return path.with_name(path.name + ".pruned")
+
+
+def _write_anchor(path: Path, digest: str) -> None:
+    tmp = path.with_name(path.name + ".pruned.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, digest.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, _anchor_path(path))
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+class VerifyResult(NamedTuple):
+    ok: bool
+    lines: int
+    first_bad_line: int | None = None  # 1-based, within ``file``
+    file: Path | None = None
+    problem: str = ""
+
+
+@dataclass
+class _Walk:
+    prev: str
+    total: int = 0
+
+
+def verify(path: Path, key: bytes) -> VerifyResult:
+    """Check the chain of *path* and of its rotated predecessors still present, oldest first."""
+    path = Path(path)
+    files = rotated_files(path)
+    if path.exists():
+        files.append(path)
+    try:
+        head = _anchor_path(path).read_text().strip() or GENESIS
+    except OSError:
+        head = GENESIS
+    walk = _Walk(prev=head)
+    for f in files:
+        bad = _verify_file(f, key, walk)
+        if bad is not None:
+            return bad
+    return VerifyResult(True, walk.total)
+
+
+def _verify_file(f: Path, key: bytes, walk: _Walk) -> VerifyResult | None:
+    try:
+        fh = open(f, "rb")  # noqa: SIM115 (closed below; the error case returns early)
+    except OSError as e:
+        return VerifyResult(False, walk.total, None, f, f"cannot read: {e.strerror}")
+    with fh:
+        for n, raw in enumerate(fh, start=1):
+            def bad(problem: str, n: int = n) -> VerifyResult:
+                return VerifyResult(False, walk.total, n, f, problem)
+
+            if not raw.endswith(b"\n"):
+                return bad("incomplete last line")
+            try:
+                line = raw[:-1].decode("utf-8")
+                body = json.loads(line)
+            except (UnicodeDecodeError, ValueError):
+                return bad("not a JSON line")
+            if not isinstance(body, dict) or not isinstance(body.get("mac"), str) \
+                    or not isinstance(body.get("prev"), str):
+                return bad("no prev/mac")
+            if canonical(body) != line:
+                return bad("not in canonical form (altered)")
+            mac = body.pop("mac")
+            prev = body["prev"]
+            try:
+                expected = _mac(key, prev, body)
+            except ValueError:
+                return bad("bad prev hash")
+            if not hmac.compare_digest(mac, expected):
+                return bad("MAC mismatch: line altered or forged")
+            if prev != walk.prev:  # for the oldest line: the genesis, or the pruned anchor
+                return bad("prev mismatch: a line before it was removed, or lines reordered")
+            walk.prev = line_hash(line)
+            walk.total += 1
+    return None
+
+
+def tail(path: Path, n: int = 20) -> list[dict[str, Any]]:
+    """The last *n* records of *path*, parsed (unparsable lines are skipped)."""
+    out = []
+    for line in _last_lines(Path(path), n):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
