@@ -534,7 +534,7 @@ def run(options: argparse.Namespace) -> None:
             ratio = reads[POLICY_LABEL].p50 / reads[main_label].p50
             print(f"  {POLICY_LABEL} p50 / built-in policy p50 = {ratio:.2f}×  target ≤ "
                   f"{TARGET_POLICY_RATIO}×  {verdict(ratio <= TARGET_POLICY_RATIO)} "
-                  "(auditing is not wired into the mount yet)")
+                  "(both audit every open)")
         report_concurrency(together, options.readers, options.concurrency_rounds,
                            options.concurrency_seconds, [main_label] if main_label else [])
         if not scale:
