@@ -8,6 +8,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+SEED_POLICY = """\
+principals:
+  service-a: { uid: 1001 }
+policies:
+  service-a:
+    allow:
+      - { action: read, resources: [db_password, "api_keys/*"] }
+    deny:
+      - { action: delete, resources: ["*"] }
+    conditions:
+      - { type: ip_range, value: 10.0.0.0/8 }
+      - { type: time_window, value: "09:00-17:00" }
+"""
+"""The seed's access-policy example (SEED.md, CONTRACT.md), appended to a store's config."""
+
 CONFIG_TEMPLATE = """\
 secrets_manager:
   backend: {{ type: local, path: store.db, max_versions: {max_versions} }}

@@ -9,21 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Store, make_store, one_line_error
+from tests.helpers import SEED_POLICY, Store, make_store, one_line_error
 
-SEED_POLICY = """\
-principals:
-  service-a: { uid: 1001 }
-policies:
-  service-a:
-    allow:
-      - { action: read, resources: [db_password, "api_keys/*"] }
-    deny:
-      - { action: delete, resources: ["*"] }
-    conditions:
-      - { type: ip_range, value: 10.0.0.0/8 }
-      - { type: time_window, value: "09:00-17:00" }
-"""
 INSIDE = ("--address", "10.1.2.3", "--at", "2026-01-05T10:00")
 
 

@@ -22,20 +22,7 @@ from secretfs.access.policy import (
 )
 from secretfs.access.principal import Caller
 from secretfs.config import Condition, PrincipalSpec, parse_config
-
-SEED = """
-principals:
-  service-a: { uid: 1001 }
-policies:
-  service-a:
-    allow:
-      - { action: read, resources: [db_password, "api_keys/*"] }
-    deny:
-      - { action: delete, resources: ["*"] }
-    conditions:
-      - { type: ip_range, value: 10.0.0.0/8 }
-      - { type: time_window, value: "09:00-17:00" }
-"""
+from tests.helpers import SEED_POLICY
 
 
 class FixedClock:
@@ -61,7 +48,7 @@ def facts_from(address: str | None):
 
 
 def seed_engine(now: datetime, address: str | None = "10.1.2.3") -> PolicyEngine:
-    return PolicyEngine.from_config(parse_config(SEED), clock=FixedClock(now),
+    return PolicyEngine.from_config(parse_config(SEED_POLICY), clock=FixedClock(now),
                                     facts=facts_from(address))
 
 
@@ -319,7 +306,7 @@ def test_decisions_are_cached_until_a_policy_changes() -> None:
 
 def test_time_window_policies_are_not_cached() -> None:
     clock = FixedClock(at(10))
-    engine = PolicyEngine.from_config(parse_config(SEED), clock=clock,
+    engine = PolicyEngine.from_config(parse_config(SEED_POLICY), clock=clock,
                                       facts=facts_from("10.1.2.3"))
     assert engine.check(SERVICE_A, "read", "db_password").allowed
     clock.at = at(18)
