@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -131,3 +132,8 @@ def test_a_binary_bind_mounted_over_the_allowed_exe_is_refused(policed) -> None:
         spoof = as_user(65534, "unshare", "-Urm", "sh", "-c",
                         f"mount --bind /usr/bin/head /usr/bin/cat && /usr/bin/cat {target}")
         assert spoof.returncode != 0 and b"Permission denied" in spoof.stderr
+        denials = [json.loads(line) for line in (store.root / "audit.log").read_text()
+                   .splitlines() if '"event":"denied"' in line]
+        assert denials, "the denial was not audited"
+        assert denials[-1]["caller"]["uid"] == 65534
+        assert "is not the file at that path" in denials[-1]["reason"]

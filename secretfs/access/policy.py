@@ -277,6 +277,7 @@ class PolicyEngine:
         self.generation = 0
         self._cache: dict[tuple, Decision] = {}
         self._me: Caller | None = None  # this process, resolved once
+        self._near_miss: str | None = None  # why the last principal_of found none (exe)
 
     @classmethod
     def from_config(cls, config: Config, **kwargs) -> PolicyEngine:
@@ -309,6 +310,8 @@ class PolicyEngine:
             if exe is None or caller.exe_id is None or not glob_match(spec.exe, exe):
                 return None
             if self.exe_identity(exe) != caller.exe_id:  # another file shows at that path
+                self._near_miss = (f"{exe} run by the caller is not the file at that path "
+                                   f"(exe rule of {spec.name})")
                 return None
             why.append(f"exe {exe}")
         if spec.exe_sha256 is not None:
@@ -336,10 +339,13 @@ class PolicyEngine:
         """(principal name, why): the first principal whose matchers all match."""
         if caller is None:
             caller = Caller.current()
+        self._near_miss = None
         for name, spec in self.principals.items():
             why = self._matches(spec, caller)
             if why is not None:
                 return name, f"{why} matches {name}"
+        if self._near_miss is not None:  # worth saying: it looks like a spoofed executable
+            return ANONYMOUS, f"uid {caller.uid} matches no principal: {self._near_miss}"
         return ANONYMOUS, f"uid {caller.uid} matches no principal"
 
     # decisions
@@ -361,8 +367,10 @@ class PolicyEngine:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        principal, _ = self.principal_of(caller)
+        principal, why = self.principal_of(caller)
         decision = self._decide(principal, action, resource, self.facts(caller))
+        if principal == ANONYMOUS and not decision.allowed:
+            decision = decision._replace(reason=f"{decision.reason} ({why})")
         policy = self.policies.get(principal)
         # Not cached: time-dependent answers, and callers without a start time (a bare pid
         # can be reused by another process).
