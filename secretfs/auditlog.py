@@ -269,16 +269,25 @@ class AuditLog:
             self._healthy = True
             self._error_logged = False
 
-    async def run(self, interval: float = 1.0) -> None:
-        """Flush at least every *interval* seconds; flush once more when cancelled."""
+    async def run(self, interval: float = 1.0, prune_every: float = 600.0) -> None:
+        """Flush at least every *interval* seconds, apply retention every *prune_every*
+        seconds (rotate, delete what is older than ``retention``); flush once more when
+        cancelled."""
         import trio
 
+        next_prune = trio.current_time()  # at start too: a daemon may have been down a while
         try:
             while True:
                 await trio.sleep(interval)
                 # a failure is logged once; healthy is False until a write succeeds
                 with contextlib.suppress(AuditUnavailable):
                     await trio.to_thread.run_sync(self.flush)
+                if trio.current_time() >= next_prune:
+                    next_prune = trio.current_time() + prune_every
+                    try:
+                        await trio.to_thread.run_sync(self.prune)
+                    except OSError as error:
+                        log.warning("audit retention failed: %s", error)
         finally:
             with contextlib.suppress(AuditUnavailable):
                 self.flush()

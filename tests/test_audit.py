@@ -235,3 +235,17 @@ def test_random_logs_verify_and_byte_flips_detected(tmp_path_factory, recs, data
     raw[i] = data.draw(st.integers(0, 255).filter(lambda b: b != raw[i]))
     p.write_bytes(bytes(raw))
     assert not verify(p, KEY).ok
+
+
+async def test_the_flusher_applies_retention_on_its_own(tmp_path):
+    import trio
+
+    p = tmp_path / "audit.log"
+    now = [1_800_000_000.0]
+    a = fill(p, 3, clock=lambda: now[0], retention=10 * 86400)
+    now[0] += 2 * 86400  # the file is now two days old: due for rotation
+    a.record("read", caller=None, resource="r", decision=ALLOW)
+    with trio.move_on_after(0.5):
+        await a.run(interval=0.01, prune_every=0.01)
+    assert len(list(tmp_path.glob("audit.log.*"))) == 1
+    assert verify(p, KEY).ok and verify(p, KEY).lines == 4
