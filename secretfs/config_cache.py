@@ -37,7 +37,7 @@ def stamp(path: Path, data: bytes) -> tuple[Any, ...]:
     """Everything a parse of *data* at *path* depends on."""
     from secretfs import __version__
 
-    code = os.stat(__file__.replace("config_cache", "config")).st_mtime_ns
+    code = os.stat(Path(__file__).with_name("config.py")).st_mtime_ns  # the parser itself
     environment = tuple(os.environ.get(name) for name in
                         ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"))
     return (FORMAT, __version__, code, str(path), os.path.abspath(path),

@@ -152,19 +152,26 @@ def mount_options(config: Config) -> set[str]:
     return options  # no default_permissions: the daemon decides every open, and audits it
 
 
+def cache_for(config: Config) -> Any:
+    """The value cache the configuration asks for (none when ``cache.enabled`` is false)."""
+    from secretfs.cache import NO_CACHE, TtlCache
+
+    settings = config.manager.cache
+    if not settings.enabled:
+        return NO_CACHE
+    return TtlCache(ttl=settings.ttl, max_size=settings.max_size, max_stale=settings.max_stale)
+
+
 def build_filesystem(config: Config) -> Any:
-    """The SecretsFS for *config*: manager, cache, built-in policy."""
+    """The SecretsFS for *config*: manager, cache, access control, audit."""
     from secretfs.access.callers import CallerCache
     from secretfs.access.policy import access_control
     from secretfs.audit import open_audit
     from secretfs.backends import open_backend
-    from secretfs.cache import NO_CACHE, TtlCache
     from secretfs.fs.operations import SecretsFS
     from secretfs.manager import SecretsManager, SyncSecretsManager
 
-    settings = config.manager.cache
-    cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
-                      max_stale=settings.max_stale) if settings.enabled else NO_CACHE)
+    cache = cache_for(config)
     backend = open_backend(config)
     sync = SyncSecretsManager(backend, access=access_control(config, os.geteuid()),
                               audit=open_audit(config, master_key_of(config, backend)))
@@ -269,12 +276,8 @@ def _reload(filesystem: Any, config_source: str | None) -> None:
         log.error("config reload rejected, keeping the running configuration: %s", error)
         return
     from secretfs.access.policy import access_control
-    from secretfs.cache import NO_CACHE, TtlCache
 
-    settings = config.manager.cache
-    filesystem.manager.cache = (TtlCache(ttl=settings.ttl, max_size=settings.max_size,
-                                         max_stale=settings.max_stale)
-                                if settings.enabled else NO_CACHE)
+    filesystem.manager.cache = cache_for(config)
     filesystem.manager.sync.access = access_control(config, os.geteuid())
     log.info("configuration reloaded from %s (backend and mount options need a restart)",
              config.source or "the embedded default")
