@@ -34,6 +34,7 @@ def build_store(root: Path, count: int) -> Path:
         "secrets_manager:\n"
         "  backend: { type: local, path: store.db }\n"
         "  encryption: { provider: file, key_file: master.key }\n"
+        "  audit: { path: audit.log }\n"
     )
     with SyncSecretsManager.from_config(load_config(config), create=True) as manager:
         for i in range(count):

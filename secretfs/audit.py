@@ -35,12 +35,14 @@ class NoAudit:
 NO_AUDIT = NoAudit()
 
 
-def open_audit(config: Config, master_key: MasterKey) -> AuditSink:
-    """The audit sink a configuration asks for: the hash-chained log, or none."""
+def open_audit(config: Config, master_key: MasterKey, *, immediate: bool = False) -> AuditSink:
+    """The audit sink a configuration asks for: the hash-chained log, or none. *immediate*:
+    each record is on disk before ``record`` returns (one-shot commands: no flusher task)."""
     settings = config.manager.audit
     if not settings.enabled:
         return NO_AUDIT
     from secretfs.auditlog import AuditLog, audit_key
 
     return AuditLog(settings.path, audit_key(master_key), log_level=settings.log_level,
-                    retention=settings.retention, fail_open=settings.fail_open)
+                    retention=settings.retention, fail_open=settings.fail_open,
+                    immediate=immediate)

@@ -11,36 +11,47 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import fcntl
 import hashlib
 import hmac
 import itertools
 import json
-import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from secretfs.access import Decision
+from secretfs.access.identity import describe as describe_caller
 from secretfs.access.principal import Caller
 from secretfs.errors import SecretfsError
 
 if TYPE_CHECKING:
     from secretfs.crypto.keys import MasterKey
 
-__all__ = ["AuditLog", "AuditUnavailable", "VerifyResult", "audit_key", "tail", "verify"]
+__all__ = [
+    "AuditLog", "AuditUnavailable", "VerifyResult", "audit_key", "chain_head", "tail", "verify",
+]
 
-log = logging.getLogger("secretfs.audit")
+
+def _log() -> Any:
+    """The audit logger, imported on first use: a one-shot command that writes one line and
+    exits should not pay for the logging package (docs/audit.md, performance)."""
+    import logging
+
+    return logging.getLogger("secretfs.audit")
+
 
 GENESIS = "0" * 64
 FORBIDDEN_FIELDS = frozenset({"value", "secret", "password", "data"})
 ROTATE_SIZE = 64 * 1024 * 1024
 ROTATE_AGE = 86400.0
+DESCRIBED_LIMIT = 10_000
 _STAMP = "%Y%m%dT%H%M%S"
 _STAMP_RE = re.compile(r"^\d{8}T\d{6}$")
 
@@ -82,9 +93,10 @@ def _last_lines(path: Path, n: int) -> list[str]:
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         pos = f.tell()
-        data = b""
+        data, block = b"", 4096  # a line is a few hundred bytes: start small, then double
         while pos > 0 and data.count(b"\n") <= n:
-            step = min(65536, pos)
+            step = min(block, pos)
+            block = min(block * 2, 1 << 20)
             pos -= step
             f.seek(pos)
             data = f.read(step) + data
@@ -127,8 +139,13 @@ def rotated_files(path: Path) -> list[Path]:
 class AuditLog:
     """The hash-chained, HMAC-authenticated audit log (an :class:`AuditSink`).
 
-    ``record`` never touches the disk except for denials; :meth:`run` (a trio task) flushes the
-    buffer at least every ``interval`` seconds and once more at shutdown.
+    ``record`` never touches the disk except for denials (or every record, with ``immediate``:
+    one-shot commands); :meth:`run` (a trio task) flushes the buffer at least every ``interval``
+    seconds and once more at shutdown.
+
+    Several processes may write one log (the daemon, and each CLI command): a write holds an
+    exclusive ``flock`` on ``<path>.lock`` while it reads the hash of the last line on disk and
+    appends, and rotation holds it too, so the chain stays one chain.
     """
 
     def __init__(
@@ -139,39 +156,32 @@ class AuditLog:
         log_level: str = "info",
         retention: float = 90 * 86400,
         fail_open: bool = False,
+        immediate: bool = False,
         clock: Callable[[], float] = time.time,
+        describe: Callable[[Caller], dict[str, Any]] = describe_caller,
     ) -> None:
         self.path = Path(path)
         self._key = bytes(key)
         self.debug = log_level == "debug"
         self.retention = retention
         self.fail_open = fail_open
+        self.immediate = immediate
         self._clock = clock
+        self._describe = describe
+        self._described: dict[tuple[int, int | None], dict[str, Any]] = {}
+        self._me: Caller | None = None
         self._buf: list[dict[str, Any]] = []  # records not yet chained and written
         self._buf_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._requests = itertools.count(1)
         self._healthy = True
         self._error_logged = False
+        # The chain head we wrote last, and the file's (inode, size, mtime) right after: if the
+        # file is still so, nobody else appended and the head need not be read back.
         self._prev = GENESIS
-        self._file_started: float | None = None
+        self._written: tuple[int, int, int] | None = None
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if self.path.exists():
-                last = _last_lines(self.path, 1)
-                if last:
-                    self._prev = line_hash(last[0])
-                    first = _first_line(self.path)
-                    try:
-                        self._file_started = _parse_time(json.loads(first or "{}").get("time"))
-                    except ValueError:
-                        self._file_started = None
-            else:
-                rotated = rotated_files(self.path)
-                if rotated:  # the current file was rotated away: continue from the last one
-                    last = _last_lines(rotated[-1], 1)
-                    if last:
-                        self._prev = line_hash(last[0])
         except OSError as e:
             self._fail(e)
 
@@ -184,11 +194,28 @@ class AuditLog:
 
     def _fail(self, e: OSError) -> None:
         self._healthy = False
-        if not self._error_logged:
+        if not self._error_logged and not self.immediate:  # immediate: the caller is told
             self._error_logged = True
-            log.error("audit log %s cannot be written: %s", self.path, e.strerror or e)
+            _log().error("audit log %s cannot be written: %s", self.path, e.strerror or e)
 
     # --- recording ---------------------------------------------------------------------------
+
+    def _who(self, caller: Caller | None) -> dict[str, Any]:
+        """The caller as recorded: kernel facts, then names (user, unit, container), the
+        latter looked up once per process."""
+        if caller is None:
+            if self._me is None:
+                self._me = Caller.current()
+            caller = self._me
+        names = self._described.get(caller.identity)
+        if names is None:
+            names = self._describe(caller)
+            if caller.start_time is not None:  # a bare pid may be reused: not cached
+                if len(self._described) >= DESCRIBED_LIMIT:
+                    self._described.clear()
+                self._described[caller.identity] = names
+        return {"uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "exe": caller.exe,
+                "pid_ns": caller.pid_ns, "start_time": caller.start_time, **names}
 
     def record(
         self, event: str, *, caller: Caller | None, resource: str, decision: Decision, **fields: Any
@@ -197,31 +224,27 @@ class AuditLog:
             return
         for name in list(fields):
             if name.lower() in FORBIDDEN_FIELDS:
-                log.warning("audit field %r dropped: values are never recorded", name)
+                _log().warning("audit field %r dropped: values are never recorded", name)
                 del fields[name]
-        if caller is None:
-            who: dict[str, Any] = {"process": "self", "uid": os.geteuid(), "pid": os.getpid()}
-        else:
-            who = {
-                "uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "exe": caller.exe,
-                "pid_ns": caller.pid_ns, "start_time": caller.start_time,
-            }
         body: dict[str, Any] = dict(fields)
         body.update(
-            time=self._clock(), event=event, request=next(self._requests), caller=who,
-            principal=decision.principal, resource=resource,
+            time=self._clock(), event=event, request=next(self._requests),
+            caller=self._who(caller), principal=decision.principal, resource=resource,
             decision="allow" if decision.allowed else "deny", reason=decision.reason,
         )
         # Only the facts are kept here: formatting and chaining (JSON, SHA-256, HMAC: tens of
         # µs) happen in flush(), off the request path, in the flusher's worker thread.
         with self._buf_lock:
             self._buf.append(body)
-        if not decision.allowed:
+        if self.immediate or not decision.allowed:
             try:
                 self.flush()
-            except AuditUnavailable:
+            except AuditUnavailable as error:
                 if not self.fail_open:
                     raise
+                if self.immediate:
+                    _log().warning("%s (%s); going on: audit.fail_open is true", error.what,
+                                   error.fix)
             return
         if not self._healthy and not self.fail_open:
             raise AuditUnavailable(
@@ -229,22 +252,45 @@ class AuditLog:
                 "operation refused: audit.fail_open is false; fix the disk or the path",
             )
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's writer lock, then every process's (flock on ``<path>.lock``)."""
+        with self._write_lock:
+            fd = os.open(self.path.with_name(self.path.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    def _head(self) -> str:
+        """The hash the next line must carry as ``prev`` (call with the lock held)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return chain_head(self.path)
+        if self._written == (st.st_ino, st.st_size, st.st_mtime_ns):
+            return self._prev
+        return chain_head(self.path)
+
     def flush(self) -> None:
         """Write the buffered lines (one write, then fsync); AuditUnavailable on failure."""
-        with self._write_lock:
-            with self._buf_lock:
-                pending, self._buf = self._buf, []
-            if not pending:
-                return
-            prev, lines = self._prev, []
-            for body in pending:
-                chained = {**body, "time": _iso(body["time"]), "prev": prev}
-                chained["mac"] = _mac(self._key, prev, chained)
-                line = canonical(chained)
-                prev = line_hash(line)
-                lines.append(line)
-            data = ("\n".join(lines) + "\n").encode()
-            try:
+        with self._buf_lock:
+            pending, self._buf = self._buf, []
+        if not pending:
+            return
+        try:
+            with self._locked():
+                prev = self._head()
+                lines = []
+                for body in pending:
+                    chained = {**body, "time": _iso(body["time"]), "prev": prev}
+                    chained["mac"] = _mac(self._key, prev, chained)
+                    line = canonical(chained)
+                    prev = line_hash(line)
+                    lines.append(line)
+                data = ("\n".join(lines) + "\n").encode()
                 flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                 fd = os.open(self.path, flags, 0o600)
                 try:
@@ -252,22 +298,21 @@ class AuditLog:
                     while view:
                         view = view[os.write(fd, view):]
                     os.fsync(fd)
+                    st = os.fstat(fd)
                 finally:
                     os.close(fd)
-            except OSError as e:
-                with self._buf_lock:
-                    self._buf[:0] = pending
-                self._fail(e)
-                raise AuditUnavailable(
-                    f"audit log {self.path} cannot be written", e.strerror or str(e)
-                ) from None
-            self._prev = prev
-            if self._file_started is None:
-                self._file_started = self._clock()
-            if not self._healthy:
-                log.warning("audit log %s writable again", self.path)
-            self._healthy = True
-            self._error_logged = False
+                self._prev, self._written = prev, (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as e:
+            with self._buf_lock:
+                self._buf[:0] = pending
+            self._fail(e)
+            raise AuditUnavailable(
+                f"audit log {self.path} cannot be written", e.strerror or str(e)
+            ) from None
+        if not self._healthy:
+            _log().warning("audit log %s writable again", self.path)
+        self._healthy = True
+        self._error_logged = False
 
     async def run(self, interval: float = 1.0, prune_every: float = 600.0) -> None:
         """Flush at least every *interval* seconds, apply retention every *prune_every*
@@ -287,7 +332,7 @@ class AuditLog:
                     try:
                         await trio.to_thread.run_sync(self.prune)
                     except OSError as error:
-                        log.warning("audit retention failed: %s", error)
+                        _log().warning("audit retention failed: %s", error)
         finally:
             with contextlib.suppress(AuditUnavailable):
                 self.flush()
@@ -295,18 +340,16 @@ class AuditLog:
     # --- retention ---------------------------------------------------------------------------
 
     def prune(self) -> None:
-        """Rotate the current file if older than a day or over 64 MiB; delete old rotated files."""
+        """Rotate the current file if its first line is older than a day or it is over 64 MiB;
+        delete rotated files older than ``retention``."""
         now = self._clock()
-        with self._write_lock:
+        with self._locked():
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
                 st = None
-            except OSError as e:
-                self._fail(e)
-                raise AuditUnavailable(f"audit log {self.path} cannot be read", str(e)) from None
             if st is not None and st.st_size > 0:
-                started = self._file_started if self._file_started is not None else st.st_mtime
+                started = _started(self.path) or st.st_mtime
                 if st.st_size > ROTATE_SIZE or now - started > ROTATE_AGE:
                     stamp = datetime.fromtimestamp(now, UTC).strftime(_STAMP)
                     target = self.path.with_name(f"{self.path.name}.{stamp}")
@@ -316,18 +359,41 @@ class AuditLog:
                         target = self.path.with_name(f"{self.path.name}.{stamp}")
                         n += 1
                     os.rename(self.path, target)
-                    self._file_started = None
-        for p in rotated_files(self.path):
-            stamp = p.name[len(self.path.name) + 1:]
-            t = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC).timestamp()
-            if now - t > self.retention:
-                try:
-                    last = _last_lines(p, 1)
-                    if last:  # the anchor the next file's first line must link to
-                        _write_anchor(self.path, line_hash(last[0]))
-                    p.unlink()
-                except OSError as e:
-                    log.warning("cannot delete old audit file %s: %s", p, e)
+            for p in rotated_files(self.path):
+                stamp = p.name[len(self.path.name) + 1:]
+                t = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC).timestamp()
+                if now - t > self.retention:
+                    try:
+                        last = _last_lines(p, 1)
+                        if last:  # the anchor the next file's first line must link to
+                            _write_anchor(self.path, line_hash(last[0]))
+                        p.unlink()
+                    except OSError as e:
+                        _log().warning("cannot delete old audit file %s: %s", p, e)
+
+
+def _started(path: Path) -> float | None:
+    """The time of the first line of *path*."""
+    try:
+        return _parse_time(json.loads(_first_line(path) or "{}").get("time"))
+    except (ValueError, AttributeError):
+        return None
+
+
+def chain_head(path: Path) -> str:
+    """The hash of the last line of the log: the current file's, else the newest rotated
+    file's, else the anchor left by pruning, else the genesis."""
+    for candidate in [path, *reversed(rotated_files(path))]:
+        try:
+            last = _last_lines(candidate, 1)
+        except FileNotFoundError:
+            continue
+        if last:
+            return line_hash(last[0])
+    try:
+        return _anchor_path(path).read_text().strip() or GENESIS
+    except FileNotFoundError:
+        return GENESIS
 
 
 def _anchor_path(path: Path) -> Path:

@@ -514,7 +514,31 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _invoked(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command words in *argv* (``("secrets", "get", …)``): the words that are not options,
+    skipping the value of the one top-level option that takes one (``--config``)."""
+    words: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--config":
+            skip = True
+        elif arg == "--":
+            break
+        elif not arg.startswith("-"):
+            words.append(arg)
+    return tuple(words)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with *argv*, only the invoked command gets its arguments.
+
+    Every command is registered (so help lists them and typos are caught), but adding the
+    arguments of twenty commands costs several ms a one-shot command should not pay; each
+    command's arguments are a function, called only for the command being run.
+    """
+    invoked = None if argv is None else _invoked(argv)
     common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE",
                         help="config file (default: $SECRETFS_CONFIG, then the standard places)")
@@ -528,116 +552,154 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
 
-    def command(group: Any, name: str, handler: Callable[[argparse.Namespace], int],
-                help_text: str) -> argparse.ArgumentParser:
-        sub = group.add_parser(name, parents=[common], help=help_text, description=help_text)
+    def group(name: str, help_text: str) -> Any:
+        sub = commands.add_parser(name, help=help_text)
+        return sub.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                  parser_class=_Parser)
+
+    def command(parent: Any, words: tuple[str, ...], handler: Callable[[argparse.Namespace], int],
+                help_text: str,
+                arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+        sub = parent.add_parser(words[-1], parents=[common], help=help_text,
+                                description=help_text)
         sub.set_defaults(handler=handler)
-        return sub
+        if arguments is not None and (invoked is None or invoked[:len(words)] == words):
+            arguments(sub)
 
-    command(commands, "init", cmd_init, "create the embedded store and master key (idempotent)")
+    command(commands, ("init",), cmd_init, "create the embedded store and master key (idempotent)")
 
-    mount = command(commands, "mount", cmd_mount,
-                    "serve the secrets as a read-only file tree (FUSE)")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    mount.add_argument("--foreground", action="store_true",
-                       help="serve in this process (for systemd) instead of forking a daemon")
-    mount.add_argument("--log-file", metavar="F",
-                       help="daemon log (default: mount.log beside the audit log)")
-    umount = command(commands, "umount", cmd_umount, "unmount a secretfs mount")
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    def mount_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("mountpoint", metavar="MOUNTPOINT")
+        sub.add_argument("--foreground", action="store_true",
+                         help="serve in this process (for systemd) instead of forking a daemon")
+        sub.add_argument("--log-file", metavar="F",
+                         help="daemon log (default: mount.log beside the audit log)")
 
-    audit = commands.add_parser("audit", help="read and verify the audit log")
-    audit_verbs = audit.add_subparsers(dest="verb", required=True, metavar="VERB",
-                                       parser_class=_Parser)
-    tail = command(audit_verbs, "tail", cmd_audit_tail, "the last records of the audit log")
-    tail.add_argument("-n", "--lines", type=_count, default=20, metavar="N")
-    tail.add_argument("--json", action="store_true")
-    command(audit_verbs, "verify", cmd_audit_verify,
+    command(commands, ("mount",), cmd_mount,
+            "serve the secrets as a read-only file tree (FUSE)", mount_arguments)
+
+    def umount_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    command(commands, ("umount",), cmd_umount, "unmount a secretfs mount", umount_arguments)
+
+    audit_verbs = group("audit", "read and verify the audit log")
+
+    def tail_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-n", "--lines", type=_count, default=20, metavar="N")
+        sub.add_argument("--json", action="store_true")
+
+    command(audit_verbs, ("audit", "tail"), cmd_audit_tail,
+            "the last records of the audit log", tail_arguments)
+    command(audit_verbs, ("audit", "verify"), cmd_audit_verify,
             "check the hash chain (exit 1 and the first bad line on tampering)")
 
-    secrets = commands.add_parser("secrets", help="store, read, list and remove secrets")
-    verbs = secrets.add_subparsers(dest="verb", required=True, metavar="VERB",
-                                   parser_class=_Parser)
+    verbs = group("secrets", "store, read, list and remove secrets")
 
-    put = command(verbs, "put", cmd_put, "store a new version of a secret")
-    put.add_argument("name", metavar="NAME")
-    put.add_argument("value", metavar="VALUE", nargs="?",
-                     help="the value (visible in `ps`: prefer --stdin or --from-file)")
-    put.add_argument("--from-file", metavar="F", help="read the value from file F, byte-exact")
-    put.add_argument("--stdin", action="store_true",
-                     help="read the value from standard input (one trailing newline dropped)")
-    put.add_argument("--key", action="append", metavar="K=V",
-                     help="a key of a map-valued secret (repeat for more keys)")
-    put.add_argument("--json-value", action="store_true",
-                     help="the value is a JSON object: store it as a map-valued secret")
-    put.add_argument("--generate", action="store_true", help="generate a random value")
-    put.add_argument("--length", type=_count, default=32, metavar="N",
-                     help="generated length (default 32)")
-    put.add_argument("--charset", default="alnum",
-                     choices=["alnum", "alpha", "numeric", "hex", "symbols", "base64"],
-                     help="generated characters (default alnum)")
-    put.add_argument("--description", metavar="D")
-    put.add_argument("--tag", action="append", metavar="K=V", help="a tag (repeat for more)")
-    put.add_argument("--cas", type=_count, metavar="VERSION",
-                     help="check-and-set: fail unless the current version is VERSION "
-                          "(0: unless the secret is new)")
-    put.add_argument("--rotate-every", metavar="DURATION", help="rotation interval, e.g. 90d")
-    put.add_argument("--rotate-schedule", metavar="CRON",
-                     help="rotation schedule, e.g. '0 0 * * *'")
-    put.add_argument("--overlap", metavar="DURATION",
-                     help="how long the old value stays readable as 'previous' after a rotation")
-    put.add_argument("--set-cmd", metavar="CMD",
-                     help="rotation hook that applies the new value (gets it on stdin)")
-    put.add_argument("--validate-cmd", metavar="CMD",
-                     help="rotation hook that checks the new value works (gets it on stdin)")
-    put.add_argument("--json", action="store_true", help="print the result as JSON")
+    def put_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("value", metavar="VALUE", nargs="?",
+                         help="the value (visible in `ps`: prefer --stdin or --from-file)")
+        sub.add_argument("--from-file", metavar="F", help="read the value from file F, byte-exact")
+        sub.add_argument("--stdin", action="store_true",
+                         help="read the value from standard input (one trailing newline dropped)")
+        sub.add_argument("--key", action="append", metavar="K=V",
+                         help="a key of a map-valued secret (repeat for more keys)")
+        sub.add_argument("--json-value", action="store_true",
+                         help="the value is a JSON object: store it as a map-valued secret")
+        sub.add_argument("--generate", action="store_true", help="generate a random value")
+        sub.add_argument("--length", type=_count, default=32, metavar="N",
+                         help="generated length (default 32)")
+        sub.add_argument("--charset", default="alnum",
+                         choices=["alnum", "alpha", "numeric", "hex", "symbols", "base64"],
+                         help="generated characters (default alnum)")
+        sub.add_argument("--description", metavar="D")
+        sub.add_argument("--tag", action="append", metavar="K=V", help="a tag (repeat for more)")
+        sub.add_argument("--cas", type=_count, metavar="VERSION",
+                         help="check-and-set: fail unless the current version is VERSION "
+                              "(0: unless the secret is new)")
+        sub.add_argument("--rotate-every", metavar="DURATION", help="rotation interval, e.g. 90d")
+        sub.add_argument("--rotate-schedule", metavar="CRON",
+                         help="rotation schedule, e.g. '0 0 * * *'")
+        sub.add_argument("--overlap", metavar="DURATION",
+                         help="how long the old value stays readable as 'previous' after a "
+                              "rotation")
+        sub.add_argument("--set-cmd", metavar="CMD",
+                         help="rotation hook that applies the new value (gets it on stdin)")
+        sub.add_argument("--validate-cmd", metavar="CMD",
+                         help="rotation hook that checks the new value works (gets it on stdin)")
+        sub.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    get = command(verbs, "get", cmd_get, "print a secret's value")
-    get.add_argument("ref", metavar="REF",
-                     help="name[/version[/key]] or secretfs://name[/version[/key]]")
+    command(verbs, ("secrets", "put"), cmd_put,
+            "store a new version of a secret", put_arguments)
 
-    listing = command(verbs, "list", cmd_list, "list secret names")
-    listing.add_argument("--prefix", metavar="P", help="only names starting with P")
-    listing.add_argument("--json", action="store_true", help="print metadata as JSON")
+    def get_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("ref", metavar="REF",
+                         help="name[/version[/key]] or secretfs://name[/version[/key]]")
 
-    info = command(verbs, "info", cmd_info, "show a secret's metadata (never its value)")
-    info.add_argument("name", metavar="NAME")
-    info.add_argument("--json", action="store_true")
+    command(verbs, ("secrets", "get"), cmd_get,
+            "print a secret's value", get_arguments)
 
-    versions = command(verbs, "versions", cmd_versions, "list a secret's versions")
-    versions.add_argument("name", metavar="NAME")
-    versions.add_argument("--json", action="store_true")
+    def list_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--prefix", metavar="P", help="only names starting with P")
+        sub.add_argument("--json", action="store_true", help="print metadata as JSON")
 
-    rm = command(verbs, "rm", cmd_rm,
-                 "delete a secret or one version (recoverable), or destroy it for good")
-    rm.add_argument("name", metavar="NAME")
-    rm.add_argument("--version", type=_positive, metavar="V", help="only this version")
-    rm.add_argument("--destroy", action="store_true",
-                    help="erase the value(s) for good instead of a recoverable delete")
+    command(verbs, ("secrets", "list"), cmd_list,
+            "list secret names", list_arguments)
 
-    check = command(verbs, "check-access", cmd_check_access,
-                    "would this caller be allowed? (exit 0: allow, 1: deny)")
-    check.add_argument("--principal", metavar="P", help="a principal of the configuration")
-    check.add_argument("--pid", type=_count, metavar="PID",
-                       help="a running process, identified as the filesystem would")
-    check.add_argument("--uid", type=_count, metavar="UID", help="a uid (no process facts)")
-    check.add_argument("--action", required=True,
-                       choices=["read", "list", "write", "delete", "rotate"])
-    check.add_argument("--resource", required=True, metavar="R", help="a secret name")
-    check.add_argument("--address", metavar="IP",
-                       help="evaluate ip_range conditions for this address")
-    check.add_argument("--at", metavar="TIME",
-                       help="evaluate time_window conditions at this ISO time")
-    check.add_argument("--json", action="store_true")
+    def info_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--json", action="store_true")
 
-    undelete = command(verbs, "undelete", cmd_undelete, "restore what 'rm' deleted")
-    undelete.add_argument("name", metavar="NAME")
-    undelete.add_argument("--version", type=_positive, metavar="V", help="only this version")
+    command(verbs, ("secrets", "info"), cmd_info,
+            "show a secret's metadata (never its value)", info_arguments)
+
+    def versions_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--json", action="store_true")
+
+    command(verbs, ("secrets", "versions"), cmd_versions,
+            "list a secret's versions", versions_arguments)
+
+    def rm_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--version", type=_positive, metavar="V", help="only this version")
+        sub.add_argument("--destroy", action="store_true",
+                         help="erase the value(s) for good instead of a recoverable delete")
+
+    command(verbs, ("secrets", "rm"), cmd_rm,
+            "delete a secret or one version (recoverable), or destroy it for good", rm_arguments)
+
+    def check_access_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--principal", metavar="P", help="a principal of the configuration")
+        sub.add_argument("--pid", type=_count, metavar="PID",
+                         help="a running process, identified as the filesystem would")
+        sub.add_argument("--uid", type=_count, metavar="UID", help="a uid (no process facts)")
+        sub.add_argument("--action", required=True,
+                         choices=["read", "list", "write", "delete", "rotate"])
+        sub.add_argument("--resource", required=True, metavar="R", help="a secret name")
+        sub.add_argument("--address", metavar="IP",
+                         help="evaluate ip_range conditions for this address")
+        sub.add_argument("--at", metavar="TIME",
+                         help="evaluate time_window conditions at this ISO time")
+        sub.add_argument("--json", action="store_true")
+
+    command(verbs, ("secrets", "check-access"), cmd_check_access,
+            "would this caller be allowed? (exit 0: allow, 1: deny)", check_access_arguments)
+
+    def undelete_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--version", type=_positive, metavar="V", help="only this version")
+
+    command(verbs, ("secrets", "undelete"), cmd_undelete,
+            "restore what 'rm' deleted", undelete_arguments)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(argv).parse_args(argv)
     from secretfs.errors import SecretfsError
 
     try:

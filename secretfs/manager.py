@@ -97,11 +97,22 @@ class SyncSecretsManager:
     @classmethod
     def from_config(cls, config: Config | None = None, *, create: bool = False
                     ) -> SyncSecretsManager:
-        """The manager a configuration describes (None: the file the environment points at)."""
-        from secretfs.backends import open_backend
+        """The manager a configuration describes (None: the file the environment points at),
+        for a process that holds the master key: access by ``access.for_key_holder``, every
+        record written to the audit log before the operation returns."""
+        from secretfs.access import for_key_holder
+        from secretfs.audit import open_audit
+        from secretfs.backends import master_key_of, open_backend
         from secretfs.config import load_config
 
-        return cls(open_backend(config or load_config(), create=create))
+        config = config or load_config()
+        backend = open_backend(config, create=create)
+        try:
+            audit = open_audit(config, master_key_of(config, backend), immediate=True)
+            return cls(backend, access=for_key_holder(config), audit=audit)
+        except BaseException:
+            backend.close()
+            raise
 
     def close(self) -> None:
         self.backend.close()
@@ -128,9 +139,10 @@ class SyncSecretsManager:
 
     def audit_listing(self, caller: Caller | None, folder: str, shown: int, total: int) -> None:
         """One record for a folder listing (each entry was filtered by a 'list' decision)."""
+        principal = self.access.check(caller, "list", folder).principal  # who, for the record
         self.audit.record(
             "list", caller=caller, resource=folder, action="list",
-            decision=Decision(True, "", f"{shown} of {total} entries visible"),
+            decision=Decision(True, principal, f"{shown} of {total} entries visible"),
         )
 
     def _not_found(self, error: SecretNotFound, name: str) -> SecretNotFound:
@@ -229,7 +241,9 @@ class SyncSecretsManager:
     def list(self, prefix: str = "", *, caller: Caller | None = None) -> list[SecretMetadata]:
         """Metadata of the secrets under *prefix* that the caller may list."""
         found = self.backend.list(prefix)
-        return [m for m in found if self.access.check(caller, "list", m.name).allowed]
+        shown = [m for m in found if self.access.check(caller, "list", m.name).allowed]
+        self.audit_listing(caller, prefix or "/", len(shown), len(found))
+        return shown
 
 
 def _value(secret: Secret) -> Value:

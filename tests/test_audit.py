@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from secretfs.access import Decision
 from secretfs.access.principal import Caller
 from secretfs.audit import NO_AUDIT
-from secretfs.auditlog import AuditLog, AuditUnavailable, audit_key, tail, verify
+from secretfs.auditlog import AuditLog, AuditUnavailable, audit_key, rotated_files, tail, verify
 from secretfs.crypto.keys import LocalMasterKey
 
 KEY = audit_key(LocalMasterKey(b"k" * 32))
@@ -118,7 +119,7 @@ def test_rotation_keeps_chain(tmp_path):
     for i in range(2):
         a.record("read", caller=None, resource=f"r{i}", decision=ALLOW)
     a.flush()
-    rotated = sorted(tmp_path.glob("audit.log.*"))
+    rotated = rotated_files(p)
     assert len(rotated) == 1
     assert verify(p, KEY).ok and verify(p, KEY).lines == 5
     # a restart after rotation continues too
@@ -152,7 +153,29 @@ def test_denial_on_disk_at_once_and_buffering(tmp_path):
     assert len(lines(p)) == 2
     a.flush()
     assert len(lines(p)) == 3
-    assert tail(p, 1)[0]["caller"] == {"process": "self", "uid": os.geteuid(), "pid": os.getpid()}
+    me = tail(p, 1)[0]["caller"]  # caller None: this process, resolved and named
+    exe = os.readlink("/proc/self/exe")
+    assert (me["uid"], me["pid"], me["exe"]) == (os.geteuid(), os.getpid(), exe)
+    assert me["user"] == pwd.getpwuid(os.geteuid()).pw_name
+
+
+def test_caller_names_are_recorded_and_looked_up_once_per_process(tmp_path):
+    p = tmp_path / "audit.log"
+    asked = []
+
+    def describe(caller: Caller) -> dict:
+        asked.append(caller.identity)
+        return {"user": "app", "unit": "app.service", "container": "c" * 64}
+
+    a = AuditLog(p, KEY, describe=describe)
+    for resource in ("x", "y"):
+        a.record("read", caller=CALLER, resource=resource, decision=ALLOW)
+    a.flush()
+    who = tail(p, 1)[0]["caller"]
+    assert who == {"uid": 1001, "gid": 1001, "pid": 42, "exe": "/usr/bin/app", "start_time": 7,
+                   "pid_ns": 4026531836, "user": "app", "unit": "app.service",
+                   "container": "c" * 64}
+    assert asked == [CALLER.identity]
 
 
 async def test_run_flushes_periodically_and_on_shutdown(tmp_path):
@@ -247,5 +270,62 @@ async def test_the_flusher_applies_retention_on_its_own(tmp_path):
     a.record("read", caller=None, resource="r", decision=ALLOW)
     with trio.move_on_after(0.5):
         await a.run(interval=0.01, prune_every=0.01)
-    assert len(list(tmp_path.glob("audit.log.*"))) == 1
+    assert len(rotated_files(p)) == 1
     assert verify(p, KEY).ok and verify(p, KEY).lines == 4
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from secretfs.access import Decision
+from secretfs.access.principal import Caller
+from secretfs.auditlog import AuditLog
+path, key, name, n, immediate = sys.argv[1:]
+log = AuditLog(Path(path), bytes.fromhex(key), immediate=immediate == "1",
+               describe=lambda caller: {})
+for i in range(int(n)):
+    log.record("read", caller=Caller(uid=1, gid=1, pid=1, start_time=1), resource=f"{name}/{i}",
+               decision=Decision(True, "svc", "rule"))
+    if i % 7 == 0:
+        log.flush()
+log.flush()
+"""
+
+
+def test_several_processes_write_one_chain(tmp_path):
+    """A daemon and CLI commands append to one log at once: one valid chain, nothing lost."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "audit.log"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(p), KEY.hex(), f"w{k}", "60",
+                          "1" if k % 2 else "0"])
+        for k in range(4)
+    ]
+    here = AuditLog(p, KEY, describe=lambda caller: {})
+    for i in range(60):  # this process writes meanwhile, with a chain head it must not trust
+        here.record("read", caller=CALLER, resource=f"here/{i}", decision=ALLOW)
+        if i % 5 == 0:
+            here.flush()
+    here.flush()
+    assert [w.wait(timeout=60) for w in writers] == [0] * 4
+    result = verify(p, KEY)
+    assert result.ok, result
+    assert result.lines == 5 * 60
+    resources = {json.loads(line)["resource"] for line in lines(p)}
+    assert resources == {f"{who}/{i}" for who in ("w0", "w1", "w2", "w3", "here")
+                         for i in range(60)}
+
+
+def test_a_writer_continues_the_chain_after_another_rotated_it(tmp_path):
+    p = tmp_path / "audit.log"
+    now = [1_800_000_000.0]
+    first = fill(p, 2, clock=lambda: now[0], describe=lambda caller: {})
+    second = AuditLog(p, KEY, clock=lambda: now[0], describe=lambda caller: {})
+    now[0] += 2 * 86400
+    second.prune()  # rotates the file the first writer last wrote
+    assert not p.exists() and len(rotated_files(p)) == 1
+    first.record("read", caller=CALLER, resource="after", decision=ALLOW)
+    first.flush()
+    assert verify(p, KEY) == (True, 3, None, None, "")

@@ -299,3 +299,18 @@ def test_the_passphrase_provider_end_to_end(tmp_path: Path) -> None:
     missing = store.cli("secrets", "get", "db", env=store.env())
     assert missing.returncode == 8 and "SECRETFS_PASSPHRASE" in one_line_error(missing)
     assert passphrase.encode() not in b"".join(p.read_bytes() for p in store.root.iterdir())
+
+
+@pytest.mark.parametrize("argv", [
+    ["secrets", "get", "db/2/user"],
+    ["--config", "secrets", "secrets", "put", "x", "--tag", "a=b", "--json"],
+    ["secrets", "put", "x", "--", "-v"],
+    ["--config=c.yaml", "secrets", "rm", "x", "--version", "2"],
+    ["secrets", "check-access", "--uid", "5", "--action", "read", "--resource", "db"],
+    ["audit", "tail", "-n", "3"],
+    ["mount", "/mnt", "--foreground"],
+])
+def test_the_parser_built_for_one_command_parses_it_like_the_full_one(argv: list[str]) -> None:
+    from secretfs.cli import build_parser
+
+    assert vars(build_parser(argv).parse_args(argv)) == vars(build_parser().parse_args(argv))

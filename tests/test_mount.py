@@ -334,6 +334,7 @@ def test_backend_failure_serves_cached_values_stale_and_recovers(tmp_path: Path)
         f"  backend: {{ type: flaky, path: {store.db}, switch: {switch} }}\n"
         "  encryption: { provider: file, key_file: master.key }\n"
         "  cache: { ttl: 0s, max_stale: 1h }\n"
+        "  audit: { path: audit.log }\n"
     )
     env = store.env(PYTHONPATH=str(flaky_plugin(tmp_path / "plugins")))
     with mounted(store, tmp_path / "mnt", env=env) as mount:

@@ -137,3 +137,121 @@ def test_a_binary_bind_mounted_over_the_allowed_exe_is_refused(policed) -> None:
         assert denials, "the denial was not audited"
         assert denials[-1]["caller"]["uid"] == 65534
         assert "is not the file at that path" in denials[-1]["reason"]
+
+
+def cgroup2_root() -> Path | None:
+    """Where the unified (v2) cgroup hierarchy is mounted, if anywhere."""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if fields[2] == "cgroup2":
+                return Path(fields[1])
+    return None
+
+
+@pytest.fixture
+def cgroups():
+    """Makes cgroups (real ones: /proc/PID/cgroup shows them) and removes them after the test."""
+    root = cgroup2_root()
+    if root is None:
+        pytest.skip("no cgroup2 hierarchy mounted")
+    base = root / f"secretfs-test-{os.getpid()}-{os.urandom(3).hex()}"
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = base / name
+        try:
+            path.mkdir(parents=True)
+        except OSError as error:
+            pytest.skip(f"cannot create a cgroup: {error}")
+        made.append(path)
+        return path
+
+    try:
+        yield make
+    finally:
+        for path in made:
+            for pid in (path / "cgroup.procs").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+        # deepest first; a cgroup can be removed once its processes are gone (rmdir, even
+        # though it shows control files)
+        for folder, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    os.rmdir(folder)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+def read_in_cgroup(cgroup: Path | None, uid: int, target: str, *argv: str
+                   ) -> subprocess.CompletedProcess[bytes]:
+    """`cat TARGET` as *uid*, started inside *cgroup* (the shell moves itself, then execs)."""
+    enter = f"echo $$ > {cgroup}/cgroup.procs && " if cgroup else ""
+    command = " ".join(["exec setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                        *argv, "cat", target])
+    return subprocess.run(["sh", "-c", enter + command], capture_output=True, timeout=30)
+
+
+UNIT_POLICY = """\
+principals:
+  web: {{ uid: 4242, {matcher} }}
+policies:
+  web:
+    allow:
+      - {{ action: read, resources: ["*"] }}
+"""
+
+
+def audit_callers(store: Store) -> list[dict]:
+    lines = (store.root / "audit.log").read_text().splitlines()
+    return [json.loads(line)["caller"] for line in lines
+            if json.loads(line)["event"] in ("read", "denied")]
+
+
+def test_a_unit_principal_admits_processes_of_that_systemd_unit(policed, cgroups) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    store.config.write_text(store.config.read_text()
+                            + UNIT_POLICY.format(matcher='unit: "web*.service"'))
+    unit = cgroups("system.slice/web-api.service")
+    other = cgroups("system.slice/cron.service")
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        assert read_in_cgroup(unit, 4242, target).returncode == 0
+        assert read_in_cgroup(other, 4242, target).returncode != 0
+        assert read_in_cgroup(None, 4242, target).returncode != 0
+    callers = audit_callers(store)
+    assert [c.get("unit") for c in callers if c["uid"] == 4242][:2] == \
+        ["web-api.service", "cron.service"]
+
+
+def test_a_container_principal_admits_processes_of_that_container(policed, cgroups) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    ours, theirs = os.urandom(32).hex(), os.urandom(32).hex()
+    store.config.write_text(store.config.read_text()
+                            + UNIT_POLICY.format(matcher=f'container: "{ours[:12]}*"'))
+    inside = cgroups(f"system.slice/docker-{ours}.scope")
+    elsewhere = cgroups(f"system.slice/docker-{theirs}.scope")
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        assert read_in_cgroup(inside, 4242, target).returncode == 0
+        assert read_in_cgroup(elsewhere, 4242, target).returncode != 0
+    callers = audit_callers(store)
+    assert [c.get("container") for c in callers if c["uid"] == 4242][:2] == [ours, theirs]
+
+
+def test_a_cmdline_principal_matches_the_real_command_line(policed) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    store.config.write_text(store.config.read_text()
+                            + UNIT_POLICY.format(matcher='cmdline: "cat *db_password*"'))
+    with mounted(store, folder / "mnt") as mount:
+        target = str(mount.path / "db_password/latest/value")
+        assert read_in_cgroup(None, 4242, target).returncode == 0
+        # same uid, same file, another command line: not the principal
+        assert as_user(4242, "head", "-c", "64", target).returncode != 0

@@ -10,15 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from secretfs.access.identity import container_from_cgroup, unit_from_cgroup
 from secretfs.access.policy import (
     AccessPolicy,
     CallerFacts,
     PolicyEngine,
     Rule,
     builtin_policy,
-    container_from_cgroup,
     glob_match,
-    unit_from_cgroup,
 )
 from secretfs.access.principal import Caller
 from secretfs.config import Condition, PrincipalSpec, parse_config

@@ -2,14 +2,19 @@
 
 The manager asks ``AccessControl.check(caller, action, resource)`` before every operation and
 records the answer in the audit log. Principals (who a caller is) and policies (what a principal
-may do) fill this in (policy.py); one-shot commands on the embedded store use ``ALLOW_ALL``.
+may do) fill this in (policy.py). ``for_key_holder`` is the access control of a process that
+opens the store itself with the master key (the CLI, the Python API).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+import os
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from secretfs.access.principal import Caller
+
+if TYPE_CHECKING:
+    from secretfs.config import Config
 
 ACTIONS = ("read", "list", "write", "delete", "rotate")
 
@@ -35,4 +40,35 @@ class AllowAll:
 
 ALLOW_ALL = AllowAll()
 
-__all__ = ["ACTIONS", "ALLOW_ALL", "AccessControl", "AllowAll", "Caller", "Decision"]
+
+class StoreOwner:
+    """The built-in policy as a key holder meets it: whoever runs a one-shot command holds the
+    master key, so it is the store's owner (or root), whom the built-in policy lets do
+    everything. The same answers as ``policy.builtin_policy`` for that caller, without loading
+    the policy engine on the CLI's fast path."""
+
+    def check(self, caller: Caller | None, action: str, resource: str) -> Decision:
+        uid = os.geteuid() if caller is None else caller.uid
+        return Decision(True, "root" if uid == 0 else "owner",
+                        "built-in policy: the store's owner may do everything")
+
+
+def for_key_holder(config: Config) -> AccessControl:
+    """The access control of a process that opens the store with the master key itself.
+
+    With no policies configured: the built-in policy (:class:`StoreOwner`). With policies: the
+    configured principals and policies, and after them root and this user as administrators —
+    a policy cannot stop whoever holds the key, so it is recorded rather than pretended away; a
+    configured principal that matches them first still decides (see docs/policies.md).
+    """
+    if not config.policies:
+        return StoreOwner()
+    from secretfs.access.policy import access_control
+
+    return access_control(config, os.geteuid(), key_holder=True)
+
+
+__all__ = [
+    "ACTIONS", "ALLOW_ALL", "AccessControl", "AllowAll", "Caller", "Decision", "StoreOwner",
+    "for_key_holder",
+]

@@ -2,8 +2,8 @@
 
 Pure evaluation logic: the caller's facts (addresses, the time) come in as arguments or
 injectable callables, so everything here is testable without /proc or FUSE. The default
-resolvers of principal matchers (user, group, unit, container, cmdline, exe digest) are small
-functions at the end of this module; they do read /proc. docs/policies.md is the user reference.
+resolvers of principal matchers (user, group, unit, container, cmdline, exe digest) read /proc
+and live in identity.py. docs/policies.md is the user reference.
 
 Evaluation order of one policy: a matching deny rule denies; then every condition must hold;
 then a matching allow rule allows; anything else denies.
@@ -12,9 +12,7 @@ then a matching allow rule allows; anything else denies.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +20,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from secretfs.access import Decision
+from secretfs.access.identity import (
+    ExeDigests,
+    container_id,
+    group_name,
+    read_cmdline,
+    stat_identity,
+    systemd_unit,
+    user_name,
+)
 from secretfs.access.principal import Caller
 
 if TYPE_CHECKING:
@@ -401,24 +408,36 @@ class PolicyEngine:
         return self._decide(principal, action, resource, facts or CallerFacts())
 
 
-def builtin_policy(owner_uid: int) -> PolicyEngine:
-    """The built-in policy as an ordinary one: root and *owner_uid* may do everything, others
-    nothing — like a 0700 folder."""
+def _administrators(owner_uid: int) -> dict[str, PrincipalSpec]:
+    """Principals ``root`` (uid 0) and ``owner`` (*owner_uid*, unless that is root)."""
     from secretfs.config import PrincipalSpec
 
-    everything = AccessPolicy(allow=(Rule(frozenset({"*"}), ("*",)),))
     principals = {"root": PrincipalSpec(name="root", uid=0)}
     if owner_uid != 0:
         principals["owner"] = PrincipalSpec(name="owner", uid=owner_uid)
-    policies = {name: everything for name in principals}
-    return PolicyEngine(principals, policies)
+    return principals
 
 
-def access_control(config: Config, owner_uid: int, **options: Any) -> PolicyEngine:
+EVERYTHING = AccessPolicy(allow=(Rule(frozenset({"*"}), ("*",)),))
+
+
+def builtin_policy(owner_uid: int) -> PolicyEngine:
+    """The built-in policy as an ordinary one: root and *owner_uid* may do everything, others
+    nothing — like a 0700 folder."""
+    principals = _administrators(owner_uid)
+    return PolicyEngine(principals, dict.fromkeys(principals, EVERYTHING))
+
+
+def access_control(config: Config, owner_uid: int, *, key_holder: bool = False,
+                   **options: Any) -> PolicyEngine:
     """The access control a configuration asks for: its principals and policies, with each
     caller's network-namespace addresses as the facts of ip_range conditions; or, with no
-    policies configured, the built-in policy (root and *owner_uid* only). *options* go to
-    PolicyEngine (a fixed clock or facts, for `secrets check-access --at/--address`)."""
+    policies configured, the built-in policy (root and *owner_uid* only).
+
+    *key_holder*: the caller opens the store with the master key itself (the CLI), so root and
+    *owner_uid* are appended as administrators after the configured principals (names already
+    taken by the configuration are left alone). *options* go to PolicyEngine (a fixed clock or
+    facts, for `secrets check-access --at/--address`)."""
     if not config.policies:
         return builtin_policy(owner_uid)
     if "facts" not in options:
@@ -426,121 +445,16 @@ def access_control(config: Config, owner_uid: int, **options: Any) -> PolicyEngi
 
         addresses = AddressCache()
         options["facts"] = lambda caller: CallerFacts(addresses=addresses.addresses(caller.pid))
-    return PolicyEngine.from_config(config, **options)
-
-
-# -- default resolvers of principal matchers (these read /proc) -----------------------------------
-
-
-def stat_identity(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file at *path* now, or None if it cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-class ExeDigests:
-    """SHA-256 of a caller's running executable, read via /proc/PID/exe, cached per exe_id."""
-
-    def __init__(self, proc: str = "/proc") -> None:
-        self.proc = proc
-        self._known: dict[tuple[int, int], str] = {}
-
-    def __call__(self, caller: Caller) -> str | None:
-        if caller.exe_id is not None and caller.exe_id in self._known:
-            return self._known[caller.exe_id]
-        digest = hashlib.sha256()
-        try:
-            with open(f"{self.proc}/{caller.pid}/exe", "rb") as file:
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
-        except OSError:
-            return None
-        result = digest.hexdigest()
-        if caller.exe_id is not None:
-            if len(self._known) >= 10_000:
-                self._known.clear()
-            self._known[caller.exe_id] = result
-        return result
-
-
-def read_cmdline(caller: Caller) -> str | None:
-    """/proc/PID/cmdline with NULs as spaces; chosen by the process itself, so spoofable."""
-    try:
-        with open(f"/proc/{caller.pid}/cmdline", "rb") as file:
-            data = file.read(64 * 1024)
-    except OSError:
-        return None
-    return data.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-
-
-def user_name(caller: Caller) -> str | None:
-    """The user name of the caller's uid (pwd), or None."""
-    import pwd
-
-    try:
-        return pwd.getpwuid(caller.uid).pw_name
-    except KeyError:
-        return None
-
-
-def group_name(caller: Caller) -> str | None:
-    """The group name of the caller's primary gid (grp), or None."""
-    import grp
-
-    try:
-        return grp.getgrgid(caller.gid).gr_name
-    except KeyError:
-        return None
-
-
-def _cgroup_path(caller: Caller) -> str | None:
-    try:
-        with open(f"/proc/{caller.pid}/cgroup", "rb") as file:
-            text = file.read(64 * 1024).decode(errors="replace")
-    except OSError:
-        return None
-    lines = text.splitlines()
-    for line in lines:  # the unified (v2) hierarchy first: "0::/path"
-        if line.startswith("0::"):
-            return line[3:]
-    return lines[-1].split(":", 2)[-1] if lines else None
-
-
-def unit_from_cgroup(path: str) -> str | None:
-    """The last component of a cgroup path ending in .service or .scope."""
-    for part in reversed(path.split("/")):
-        if part.endswith((".service", ".scope")):
-            return part
-    return None
-
-
-def systemd_unit(caller: Caller) -> str | None:
-    """The caller's systemd unit, from /proc/PID/cgroup."""
-    path = _cgroup_path(caller)
-    return unit_from_cgroup(path) if path else None
-
-
-_CONTAINER = re.compile(
-    r"(?:docker-|crio-|libpod-|cri-containerd-)([0-9a-f]{64})\.scope"
-    r"|/(?:docker|containerd|libpod|crio)/([0-9a-f]{64})(?:/|$)")
-
-
-def container_from_cgroup(path: str) -> str | None:
-    """The 64-hex container id in a cgroup path (docker, cri-o, podman, containerd)."""
-    match = _CONTAINER.search(path)
-    return (match[1] or match[2]) if match else None
-
-
-def container_id(caller: Caller) -> str | None:
-    """The caller's container id, from /proc/PID/cgroup."""
-    path = _cgroup_path(caller)
-    return container_from_cgroup(path) if path else None
+    engine = PolicyEngine.from_config(config, **options)
+    if key_holder:
+        for name, spec in _administrators(owner_uid).items():
+            if name not in engine.principals:
+                engine.principals[name] = spec
+                engine.policies[name] = EVERYTHING
+    return engine
 
 
 __all__ = [
     "ANONYMOUS", "AccessPolicy", "CallerFacts", "Clock", "ExeDigests", "PolicyEngine", "Rule",
-    "SystemClock", "builtin_policy", "container_from_cgroup", "glob_match", "unit_from_cgroup",
+    "SystemClock", "builtin_policy", "glob_match",
 ]

@@ -14,6 +14,7 @@ from secretfs.errors import ConfigError
 
 if TYPE_CHECKING:
     from secretfs.config import Config
+    from secretfs.crypto.keys import MasterKey
 
 ENTRY_POINT_GROUP = "secretfs.backends"
 
@@ -54,4 +55,17 @@ def open_backend(config: Config, *, create: bool = False) -> Backend:
     return factory(config, create=create)
 
 
-__all__ = ["BUILT_IN", "ENTRY_POINT_GROUP", "Backend", "MetadataUpdate", "open_backend"]
+def master_key_of(config: Config, backend: Backend) -> MasterKey:
+    """The master key: the one the backend holds (local), else the configured provider's."""
+    key = getattr(backend, "master_key", None)
+    if key is None:
+        from secretfs.crypto.keys import load_master_key
+
+        key = load_master_key(config.manager.encryption.provider,
+                              config.manager.encryption.key_file, create=False)
+    return key
+
+
+__all__ = [
+    "BUILT_IN", "ENTRY_POINT_GROUP", "Backend", "MetadataUpdate", "master_key_of", "open_backend",
+]

@@ -167,7 +167,7 @@ def build_filesystem(config: Config) -> Any:
     from secretfs.access.callers import CallerCache
     from secretfs.access.policy import access_control
     from secretfs.audit import open_audit
-    from secretfs.backends import open_backend
+    from secretfs.backends import master_key_of, open_backend
     from secretfs.fs.operations import SecretsFS
     from secretfs.manager import SecretsManager, SyncSecretsManager
 
@@ -185,17 +185,6 @@ def build_filesystem(config: Config) -> Any:
 
     filesystem = SecretsFS(manager, callers, status=status)
     return filesystem
-
-
-def master_key_of(config: Config, backend: Any) -> Any:
-    """The master key: the one the backend holds (local), else the configured provider's."""
-    key = getattr(backend, "master_key", None)
-    if key is None:
-        from secretfs.crypto.keys import load_master_key
-
-        key = load_master_key(config.manager.encryption.provider,
-                              config.manager.encryption.key_file, create=False)
-    return key
 
 
 async def serve(config_source: str | None, config: Config, mountpoint: Path,
