@@ -226,29 +226,36 @@ class AuditLog:
             if name.lower() in FORBIDDEN_FIELDS:
                 _log().warning("audit field %r dropped: values are never recorded", name)
                 del fields[name]
+        allowed, reason = decision.allowed, decision.reason
+        # Fail closed: while the log cannot be written, an allowed operation is refused, and
+        # recorded as refused (it reaches the disk with the retries once the disk is back).
+        refuse = allowed and not self._healthy and not self.fail_open and not self.immediate
+        if refuse:
+            event, allowed = "denied", False
+            reason = "refused: the audit log could not be written (audit.fail_open is false)"
         body: dict[str, Any] = dict(fields)
         body.update(
             time=self._clock(), event=event, request=next(self._requests),
             caller=self._who(caller), principal=decision.principal, resource=resource,
-            decision="allow" if decision.allowed else "deny", reason=decision.reason,
+            decision="allow" if allowed else "deny", reason=reason,
         )
         # Only the facts are kept here: formatting and chaining (JSON, SHA-256, HMAC: tens of
         # µs) happen in flush(), off the request path, in the flusher's worker thread.
         with self._buf_lock:
             self._buf.append(body)
-        if self.immediate or not decision.allowed:
-            try:
-                self.flush()
-            except AuditUnavailable as error:
-                if not self.fail_open:
-                    raise
-                if self.immediate:
-                    _log().warning("%s (%s); going on: audit.fail_open is true", error.what,
-                                   error.fix)
+        if not (self.immediate or not allowed):
             return
-        if not self._healthy and not self.fail_open:
+        try:
+            self.flush()
+        except AuditUnavailable as error:
+            if not self.fail_open:
+                raise
+            if self.immediate:
+                _log().warning("%s (%s); going on: audit.fail_open is true", error.what,
+                               error.fix)
+        if refuse:  # the flush may have just worked: the decision stands all the same
             raise AuditUnavailable(
-                f"audit log {self.path} cannot be written",
+                f"audit log {self.path} could not be written",
                 "operation refused: audit.fail_open is false; fix the disk or the path",
             )
 

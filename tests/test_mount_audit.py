@@ -58,3 +58,48 @@ def test_every_open_and_denial_is_one_line_and_the_chain_holds(tmp_path: Path) -
     tampered = store.cli("audit", "verify")
     assert tampered.returncode == 1
     assert f"audit.log:{victim + 1}:" in one_line_error(tampered)
+
+
+def test_reads_fail_closed_while_the_audit_log_cannot_be_written(tmp_path: Path) -> None:
+    import errno
+    import time
+
+    store = make_store(tmp_path / "store")
+    value = "pw-" + os.urandom(8).hex()
+    store.put("db", value)
+    log = store.root / "audit.log"
+    folder = Path(tempfile.mkdtemp(prefix="secretfs-test-"))
+    try:
+        with mounted(store, folder / "mnt") as mount:
+            target = mount.path / "db/latest/value"
+            assert target.read_text() == value
+            log.rename(store.root / "audit.log.moved")
+            log.mkdir()  # the daemon can no longer append: EISDIR, even as root
+            target.read_text()  # buffered; the flusher (every second) finds out
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "cannot be written" not in mount.log_text():
+                time.sleep(0.05)
+            assert "cannot be written" in mount.log_text()
+            with pytest.raises(OSError) as refused:
+                target.read_text()
+            assert refused.value.errno == errno.EIO
+            log.rmdir()
+            (store.root / "audit.log.moved").rename(log)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    assert target.read_text() == value
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            assert target.read_text() == value
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert value not in log.read_text()
+    assert store.cli("audit", "verify").returncode == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    reads = [(r["event"], r["decision"]) for r in records if r["resource"] == "db"
+             and r["event"] in ("read", "denied")]
+    # the refused read is on record as refused, and why (written once the disk was back)
+    assert ("denied", "deny") in reads and reads[:2] == [("read", "allow")] * 2
+    assert any("audit log could not be written" in r["reason"] for r in records)

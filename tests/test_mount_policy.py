@@ -255,3 +255,27 @@ def test_a_cmdline_principal_matches_the_real_command_line(policed) -> None:
         assert read_in_cgroup(None, 4242, target).returncode == 0
         # same uid, same file, another command line: not the principal
         assert as_user(4242, "head", "-c", "64", target).returncode != 0
+
+
+def test_an_invalid_policy_on_sighup_is_rejected_with_its_line_and_the_old_one_answers(
+        policed) -> None:
+    store, folder = policed
+    store.put("db_password", "pw-" + os.urandom(4).hex())
+    store.put("other_secret", "no-" + os.urandom(4).hex())
+    with_policy(store)
+    good = store.config.read_text()
+    bad = good + "    conditions:\n      - { type: ip_range, value: 10.0.0.0/33 }\n"
+    bad_line = len(bad.splitlines())
+    with mounted(store, folder / "mnt") as mount:
+        allowed = str(mount.path / "db_password/latest/value")
+        refused = str(mount.path / "other_secret/latest/value")
+        store.config.write_text(bad)
+        mount.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "config reload rejected" not in mount.log_text():
+            time.sleep(0.05)
+        rejected = next(line for line in mount.log_text().splitlines()
+                        if "config reload rejected" in line)
+        assert f"config.yaml:{bad_line}" in rejected
+        assert as_user(4242, "cat", allowed).returncode == 0  # the old policy still answers
+        assert as_user(4242, "cat", refused).returncode != 0
