@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import itertools
@@ -71,8 +72,13 @@ def audit_key(master_key: MasterKey) -> bytes:
     return master_key.derive_key(b"audit log v1")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                            default=str)
+
+
 def canonical(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """Canonical JSON: sorted keys, no spaces, UTF-8 as is."""
+    return _ENCODER.encode(obj)
 
 
 def line_hash(line: str) -> str:
@@ -84,8 +90,31 @@ def _mac(key: bytes, prev: str, body: dict[str, Any]) -> str:
     return hmac.new(key, bytes.fromhex(prev) + canonical(body).encode(), hashlib.sha256).hexdigest()
 
 
+def _chained_line(mac_key: Any, prev: str, body: dict[str, Any]) -> str:
+    """``canonical({**body, "mac": _mac(key, prev, body)})`` (*body* holds ``prev``; *mac_key*
+    is the key, or an HMAC object keyed with it, to copy). The record is encoded once, as the
+    keys before ``mac`` and the keys after it (``prev`` is always one): the unsigned text and
+    the final line are two joins of the same halves. A flush formats a second's records at
+    once, on the daemon's CPU: this is most of the flusher's work, hence the care."""
+    low = {k: v for k, v in body.items() if k < "mac"}
+    high = _ENCODER.encode({k: v for k, v in body.items() if k > "mac"})
+    head = _ENCODER.encode(low)[:-1] + "," if low else "{"
+    if isinstance(mac_key, bytes):
+        mac_key = hmac.new(mac_key, digestmod=hashlib.sha256)
+    signer = mac_key.copy()
+    signer.update(bytes.fromhex(prev) + (head + high[1:]).encode())
+    return f'{head}"mac":"{signer.hexdigest()}",{high[1:]}'
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """``2026-11-29T06:30:00.123456Z`` (UTC); the seconds part formatted once per second."""
+    whole = int(t)
+    return f"{_second(whole)}.{int((t - whole) * 1_000_000):06d}Z"
 
 
 def _last_lines(path: Path, n: int) -> list[str]:
@@ -162,13 +191,14 @@ class AuditLog:
     ) -> None:
         self.path = Path(path)
         self._key = bytes(key)
+        self._signer = hmac.new(self._key, digestmod=hashlib.sha256)  # copied for each line
         self.debug = log_level == "debug"
         self.retention = retention
         self.fail_open = fail_open
         self.immediate = immediate
         self._clock = clock
         self._describe = describe
-        self._described: dict[tuple[int, int | None], dict[str, Any]] = {}
+        self._described: dict[Caller, dict[str, Any]] = {}
         self._me: Caller | None = None
         self._buf: list[dict[str, Any]] = []  # records not yet chained and written
         self._buf_lock = threading.Lock()
@@ -201,21 +231,22 @@ class AuditLog:
     # --- recording ---------------------------------------------------------------------------
 
     def _who(self, caller: Caller | None) -> dict[str, Any]:
-        """The caller as recorded: kernel facts, then names (user, unit, container), the
-        latter looked up once per process."""
+        """The caller as recorded: kernel facts, then names (user, unit, container) looked up
+        once per process (the same dict for the same caller: treat it as frozen)."""
         if caller is None:
             if self._me is None:
                 self._me = Caller.current()
             caller = self._me
-        names = self._described.get(caller.identity)
-        if names is None:
-            names = self._describe(caller)
+        who = self._described.get(caller)
+        if who is None:
+            who = {"uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "exe": caller.exe,
+                   "pid_ns": caller.pid_ns, "start_time": caller.start_time,
+                   **self._describe(caller)}
             if caller.start_time is not None:  # a bare pid may be reused: not cached
                 if len(self._described) >= DESCRIBED_LIMIT:
                     self._described.clear()
-                self._described[caller.identity] = names
-        return {"uid": caller.uid, "gid": caller.gid, "pid": caller.pid, "exe": caller.exe,
-                "pid_ns": caller.pid_ns, "start_time": caller.start_time, **names}
+                self._described[caller] = who
+        return who
 
     def record(
         self, event: str, *, caller: Caller | None, resource: str, decision: Decision, **fields: Any
@@ -290,11 +321,10 @@ class AuditLog:
         try:
             with self._locked():
                 prev = self._head()
-                lines = []
+                lines: list[str] = []
                 for body in pending:
                     chained = {**body, "time": _iso(body["time"]), "prev": prev}
-                    chained["mac"] = _mac(self._key, prev, chained)
-                    line = canonical(chained)
+                    line = _chained_line(self._signer, prev, chained)
                     prev = line_hash(line)
                     lines.append(line)
                 data = ("\n".join(lines) + "\n").encode()

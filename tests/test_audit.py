@@ -329,3 +329,20 @@ def test_a_writer_continues_the_chain_after_another_rotated_it(tmp_path):
     first.record("read", caller=CALLER, resource="after", decision=ALLOW)
     first.flush()
     assert verify(p, KEY) == (True, 3, None, None, "")
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in ("mac", "prev")),
+                       st.one_of(st.text(), st.integers(), st.none(), st.booleans(),
+                                 st.floats(allow_nan=False), st.lists(st.integers(), max_size=3),
+                                 st.dictionaries(st.text(max_size=5),
+                                                 st.one_of(st.text(max_size=5), st.integers(),
+                                                           st.none()))),
+                       max_size=8),
+       st.binary(min_size=32, max_size=32))
+def test_a_chained_line_is_the_canonical_record_with_its_mac(body, prev):
+    from secretfs.auditlog import _chained_line, _mac, canonical
+
+    record = {**body, "prev": prev.hex()}
+    expected = canonical({**record, "mac": _mac(KEY, prev.hex(), record)})
+    assert _chained_line(KEY, prev.hex(), record) == expected
+    assert json.loads(expected) == {**record, "mac": json.loads(expected)["mac"]}
