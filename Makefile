@@ -46,6 +46,7 @@ test: lint
 bench: setup
 	$(BIN)/python benchmarks/cli.py
 	$(BIN)/python benchmarks/read.py
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis .ruff_cache *.egg-info

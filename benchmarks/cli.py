@@ -50,12 +50,14 @@ def time_once(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def heavy_imports(argv: list[str], env: dict[str, str]) -> list[str]:
+def heavy_imports(argv: list[str], env: dict[str, str],
+                  heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The modules of the *heavy* packages that running *argv* imports."""
     python, *rest = argv
     result = subprocess.run([python, "-X", "importtime", *rest], env=env, capture_output=True,
                             check=True)
     names = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.decode().splitlines()}
-    return sorted(name for name in names if name.split(".")[0] in HEAVY)
+    return sorted(name for name in names if name.split(".")[0] in heavy)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 The Python API, imported lazily so ``import secretfs`` stays cheap::
 
     from secretfs import SecretsManager, Secret, SecretRef
+    from secretfs import resolve_refs   # secretfs:// references inside a loaded config
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _PUBLIC = {
     "GeneratorSpec": "secretfs.model",
     "Label": "secretfs.model",
     "SecretfsError": "secretfs.errors",
+    "resolve_refs": "injector.resolve",
 }
 
 

@@ -24,8 +24,27 @@ if TYPE_CHECKING:
 USAGE_EXIT = 2
 
 
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns - 2
+    except (OSError, ValueError):
+        return 78
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, told the terminal width: left to itself it imports shutil (and
+    with it bz2 and lzma, ~2.5 ms) for every command, since add_argument builds a formatter."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_width())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2, like every other error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments"):
@@ -502,6 +521,52 @@ def cmd_umount(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------
 
 
+# -- run / inject ---------------------------------------------------------------------------
+
+
+def _signal_number(text: str) -> int:
+    import signal
+
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal {text!r} (e.g. HUP, USR1)") from None
+
+
+def _duration(text: str) -> float:
+    from secretfs.errors import UsageError
+    from secretfs.model import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(error.what) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from injector.run import RunOptions, run
+
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return run(RunOptions(
+        command=command, env=args.env or [], env_files=args.env_file or [], mount=args.mount,
+        config=args.config, masking=not args.no_masking, watch=args.watch,
+        reload_signal=args.reload_signal, grace=args.grace, as_files=args.as_files,
+        allow_override=args.allow_override or [], dry_run=args.dry_run,
+    ))
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from injector.run import inject
+
+    return inject(args.input, args.output, force=args.force, mount=args.mount,
+                  config=args.config)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a version number from 1, got {text!r}")
@@ -582,6 +647,50 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         sub.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     command(commands, ("umount",), cmd_umount, "unmount a secretfs mount", umount_arguments)
+
+    def run_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--env", action="append", metavar="NAME=REF",
+                         help="set NAME from a reference, or a text with {{ secretfs://… }} "
+                              "placeholders (repeat; wins over --env-file and the environment)")
+        sub.add_argument("--env-file", action="append", metavar="F",
+                         help="dotenv file of NAME=REF lines (repeat; wins over the environment)")
+        sub.add_argument("--mount", metavar="M",
+                         help="read through this secretfs mount (default: $SECRETFS_MOUNT, then "
+                              "the configured mount if live, else the store itself)")
+        sub.add_argument("--no-masking", action="store_true",
+                         help="do not conceal values in the command's output (masking is on "
+                              "when output is not a terminal; on a terminal the command keeps "
+                              "its TTY and nothing is masked)")
+        sub.add_argument("--watch", action="store_true",
+                         help="restart the command when a referenced value changes")
+        sub.add_argument("--reload-signal", type=_signal_number, metavar="SIG",
+                         help="with --watch: send SIG instead of restarting")
+        sub.add_argument("--grace", type=_duration, default=10.0, metavar="DURATION",
+                         help="with --watch: how long a restart waits after SIGTERM before "
+                              "SIGKILL (default 10s)")
+        sub.add_argument("--as-files", action="store_true",
+                         help="give NAME_FILE=<path under the mount> instead of the value, so "
+                              "no value sits in the environment (needs a mount)")
+        sub.add_argument("--allow-override", action="append", metavar="NAME",
+                         help="allow a secret into a protected variable (PATH, HOME, LD_*, …)")
+        sub.add_argument("--dry-run", action="store_true",
+                         help="list the variables that would be set, and from which "
+                              "references, without reading a value")
+        sub.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+
+    command(commands, ("run",), cmd_run,
+            "run a command with secrets in its environment", run_arguments)
+
+    def inject_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-i", "--input", required=True, metavar="TEMPLATE",
+                         help="a text with {{ secretfs://… }} placeholders (- for stdin)")
+        sub.add_argument("-o", "--output", metavar="FILE",
+                         help="where to write it, created 0600 (default: stdout)")
+        sub.add_argument("--force", action="store_true", help="replace FILE if it exists")
+        sub.add_argument("--mount", metavar="M", help="read through this secretfs mount")
+
+    command(commands, ("inject",), cmd_inject,
+            "render a template's secretfs references into a private file", inject_arguments)
 
     audit_verbs = group("audit", "read and verify the audit log")
 
