@@ -327,3 +327,17 @@ def test_resolve_refs_in_a_loaded_config(store: Store) -> None:
     done = subprocess.run([sys.executable, "-c", program], env=store.env(), capture_output=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@needs_mount
+def test_through_a_mount_run_imports_no_crypto_no_trio_no_fuse(store: Store, mount: Mount) -> None:
+    store.put("x", fresh())
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "secretfs", "run", "--mount", str(mount.path),
+         "--env", "X=secretfs://x", "--", "true"],
+        env=store.env(), capture_output=True, timeout=60)
+    assert done.returncode == 0
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in done.stderr.decode().splitlines() if line.startswith("import time")}
+    assert "injector" in imported  # the check sees the injector's own imports...
+    assert not imported & {"cryptography", "trio", "pyfuse3", "keyring"}  # ...and none of these
