@@ -381,6 +381,40 @@ def cmd_undelete(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rotation -------------------------------------------------------------------------------
+
+
+def _rotation_line(result: Any) -> str:
+    versions = f"{result.old_version} → {result.new_version}" if result.new_version else \
+        f"current stays {result.old_version}"
+    return f"{result.name}: {result.outcome} ({versions})"
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from secretfs.model import validate_name
+
+    with _manager(args) as manager:
+        result = manager.rotate(validate_name(args.name))
+    if args.json:
+        _print_json(result.__dict__)
+    else:
+        print(_rotation_line(result))
+    return 0
+
+
+def cmd_run_due(args: argparse.Namespace) -> int:
+    from secretfs.errors import RotationFailed
+
+    with _manager(args) as manager:
+        results = manager.rotator().run_due()
+    if args.json:
+        _print_json([result.__dict__ for result in results])
+    else:
+        for result in results:
+            print(_rotation_line(result))
+    return RotationFailed.exit_code if any(r.outcome == "failed" for r in results) else 0
+
+
 # -- secrets check-access ---------------------------------------------------------------------
 
 
@@ -692,6 +726,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     command(commands, ("inject",), cmd_inject,
             "render a template's secretfs references into a private file", inject_arguments)
 
+    rotation_verbs = group("rotation", "scheduled rotation")
+
+    def run_due_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json", action="store_true")
+
+    command(rotation_verbs, ("rotation", "run-due"), cmd_run_due,
+            "rotate every secret that is due, finish interrupted rotations (for a timer)",
+            run_due_arguments)
+
     audit_verbs = group("audit", "read and verify the audit log")
 
     def tail_arguments(sub: argparse.ArgumentParser) -> None:
@@ -795,6 +838,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     command(verbs, ("secrets", "check-access"), cmd_check_access,
             "would this caller be allowed? (exit 0: allow, 1: deny)", check_access_arguments)
+
+    def rotate_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--json", action="store_true")
+
+    command(verbs, ("secrets", "rotate"), cmd_rotate,
+            "rotate now: new value, set hook, validate hook, then current → new (exit 6 if not)",
+            rotate_arguments)
 
     def undelete_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("name", metavar="NAME")

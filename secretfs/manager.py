@@ -41,7 +41,8 @@ from secretfs.model import (
 if TYPE_CHECKING:
     from secretfs.access.policy import AccessPolicy, PolicyEngine
     from secretfs.cache import Cached, ValueCache
-    from secretfs.config import Config
+    from secretfs.config import Config, RotationSettings
+    from secretfs.rotation.workflow import RotationResult, Rotator, Validator
 
 T = TypeVar("T")
 
@@ -89,10 +90,11 @@ class SyncSecretsManager:
     """The manager's logic, blocking. See the module docstring for why there are two faces."""
 
     def __init__(self, backend: Backend, *, access: AccessControl = ALLOW_ALL,
-                 audit: AuditSink = NO_AUDIT) -> None:
+                 audit: AuditSink = NO_AUDIT, rotation: RotationSettings | None = None) -> None:
         self.backend = backend
         self.access = access
         self.audit = audit
+        self.rotation = rotation  # the config's defaults for rotation (None: built-in ones)
 
     @classmethod
     def from_config(cls, config: Config | None = None, *, create: bool = False
@@ -109,7 +111,8 @@ class SyncSecretsManager:
         backend = open_backend(config, create=create)
         try:
             audit = open_audit(config, master_key_of(config, backend), immediate=True)
-            return cls(backend, access=for_key_holder(config), audit=audit)
+            return cls(backend, access=for_key_holder(config), audit=audit,
+                       rotation=config.manager.rotation)
         except BaseException:
             backend.close()
             raise
@@ -174,6 +177,18 @@ class SyncSecretsManager:
         return self.backend.write_version(
             name, value, label=label, cas=cas, metadata=None if update.empty else update
         )
+
+    def rotator(self, **options: Any) -> Rotator:
+        """The rotation workflow over this manager (options: clock, hook_timeout, jitter)."""
+        from secretfs.rotation.workflow import Rotator
+
+        return Rotator(self, **options)
+
+    def rotate(self, name: str, *, caller: Caller | None = None,
+               validator: Validator | None = None) -> RotationResult:
+        """Rotate *name* now: generate, set, validate, promote (rotation/workflow.py)."""
+        validate_name(name)
+        return self.rotator().rotate(name, caller=caller, validator=validator)
 
     def update_metadata(self, name: str, *, description: str | None = None,
                         tags: Mapping[str, str] | None = None,
@@ -312,6 +327,21 @@ class SecretsManager:
             return await self._run(self.sync.store, secret, cas=cas, caller=caller)
         finally:
             self.forget(secret.name)
+
+    async def rotate(self, name: str, *, caller: Caller | None = None,
+                     validator: Validator | None = None) -> RotationResult:
+        """Rotate *name* now; *validator(name, new_value)* returning False (or raising) fails
+        it, as a ``validate_cmd`` would."""
+        try:
+            return await self._run(self.sync.rotate, name, caller=caller, validator=validator)
+        finally:
+            self.forget(name)
+
+    async def run_rotation(self, **options: Any) -> None:
+        """Rotate what falls due, forever (run it in a nursery; cancel it to stop)."""
+        from secretfs.rotation.schedule import run_schedule
+
+        await run_schedule(self.sync.rotator(**options), on_change=self.forget)
 
     async def delete(self, name: str, *, version: int | None = None, destroy: bool = False,
                      caller: Caller | None = None) -> None:

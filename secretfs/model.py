@@ -288,17 +288,51 @@ def format_duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class GeneratorSpec:
-    """How a new value is drawn: length and character set (see rotation/generate.py)."""
+    """How a new value is drawn; rotation/generate.py checks a spec and carries it out.
+
+    The spec is stored as JSON with each secret's rotation policy, so every field has a default
+    and ``from_json`` fills in missing ones: records written before a field existed (only
+    ``length`` and ``charset``) keep drawing exactly what they drew before. ``length`` and
+    ``charset`` stay the first two fields so positional callers keep working.
+
+    * ``kind``: ``text`` (characters of ``charset``), ``bytes`` (``length`` random bytes,
+      base64-encoded) or ``uuid`` (a random UUID; ``length`` and ``charset`` are ignored).
+    * ``charset``: a name from ``generate.CHARSETS`` or ``custom:<characters>``.
+    * ``require_each``: at least one character of every class (lowercase, uppercase, digits,
+      symbols) that the charset contains, for systems whose password rules demand it.
+    * ``exclude``: characters never used; ``exclude_ambiguous`` drops ``generate.AMBIGUOUS``,
+      for values a person has to read or type.
+    """
 
     length: int = 32
     charset: str = "alnum"
+    kind: str = "text"
+    require_each: bool = False
+    exclude: str = ""
+    exclude_ambiguous: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"length": self.length, "charset": self.charset}
+        # Every field, defaults included: a record then says what it draws without knowing
+        # which defaults this version of secretfs had.
+        return {
+            "kind": self.kind,
+            "length": self.length,
+            "charset": self.charset,
+            "require_each": self.require_each,
+            "exclude": self.exclude,
+            "exclude_ambiguous": self.exclude_ambiguous,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GeneratorSpec:
-        return cls(length=int(data.get("length", 32)), charset=str(data.get("charset", "alnum")))
+        return cls(
+            kind=str(data.get("kind", "text")),
+            length=int(data.get("length", 32)),
+            charset=str(data.get("charset", "alnum")),
+            require_each=bool(data.get("require_each", False)),
+            exclude=str(data.get("exclude", "")),
+            exclude_ambiguous=bool(data.get("exclude_ambiguous", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -336,6 +370,30 @@ class RotationPolicy:
             validate_cmd=data.get("validate_cmd"),
             key=data.get("key"),
         )
+
+
+class RotationStep(StrEnum):
+    """How far a rotation got; persisted before each step so a crash can be resumed or undone.
+
+    ``created``: the pending version is stored, nothing outside secretfs has seen it — undone on
+    recovery. ``applying``: the set hook may have applied it to the system that uses it — from
+    here on, recovery goes forward (set and validate again, then promote), as AWS's rotation
+    does, because rolling back could leave that system with a value secretfs no longer has.
+    """
+
+    CREATED = "created"
+    APPLYING = "applying"
+
+
+@dataclass(frozen=True)
+class RotationState:
+    """An unfinished rotation of one secret, as stored with it."""
+
+    version: int  # the pending version
+    step: RotationStep
+    owner: str  # "host:pid" of the process carrying it out
+    started: float  # epoch seconds
+    updated: float  # epoch seconds: the owner's last sign of life
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ Semantics every backend keeps (the conformance tests check them):
   the one given (0: unless the secret does not exist yet);
 - a soft-deleted secret or version is hidden from reads and listings until undeleted; destroying
   erases the value for good;
-- only the newest ``max_versions`` versions are kept, plus any a label points at.
+- only the newest ``max_versions`` versions are kept, plus any a label points at;
+- one ``pending`` version at a time: writing a version labelled ``pending`` while another holds
+  the label fails with ConflictError (two hosts rotating one secret: one wins, rotation/);
+- ``update_labels`` moves labels atomically, after checking where they point (check-and-set).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from secretfs.model import Label, RotationPolicy, SecretMetadata, Value
+from secretfs.model import Label, RotationPolicy, RotationState, SecretMetadata, Value
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,21 @@ class Backend(Protocol):
 
     def destroy(self, name: str, version: int | None = None) -> None:
         """Erase one version's value for good, or the whole secret with all its versions."""
+        ...
+
+    def update_labels(self, name: str, changes: Mapping[Label, int | None], *,
+                      expect: Mapping[Label, int | None] | None = None) -> None:
+        """Atomically: check that each label in *expect* points at the version given (None:
+        the label is absent) — ConflictError if not — then point each label in *changes* at
+        its version (None: remove the label)."""
+        ...
+
+    def rotation_state(self, name: str) -> RotationState | None:
+        """The unfinished rotation of *name*, if any."""
+        ...
+
+    def set_rotation_state(self, name: str, state: RotationState | None) -> None:
+        """Record (None: forget) the unfinished rotation of *name*."""
         ...
 
     def list_names(self, prefix: str = "") -> list[str]:

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,8 @@ from secretfs.errors import (
 from secretfs.model import (
     Label,
     RotationPolicy,
+    RotationState,
+    RotationStep,
     SecretMetadata,
     Value,
     VersionInfo,
@@ -48,9 +50,21 @@ from secretfs.model import (
     value_sizes,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the rotations table
 BUSY_TIMEOUT_MS = 30_000
 CHANGE_FEED_LENGTH = 10_000  # a reader further behind than this reloads everything
+
+# Added in schema 2; created by upgrading older stores too.
+_ROTATIONS = """
+CREATE TABLE rotations (                       -- unfinished rotations (rotation/workflow.py)
+    name    TEXT PRIMARY KEY REFERENCES secrets(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,                  -- the pending version
+    step    TEXT NOT NULL,
+    owner   TEXT NOT NULL,
+    started REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE store_info (
@@ -92,7 +106,9 @@ CREATE TABLE changes (                         -- the change feed readers follow
     seq  INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL
 );
-"""
+""" + _ROTATIONS
+
+
 
 
 def _when(timestamp: float | None) -> datetime | None:
@@ -110,8 +126,9 @@ class LocalBackend:
     kind = "local"
 
     def __init__(self, connection: sqlite3.Connection, path: Path, master_key: MasterKey,
-                 max_versions: int) -> None:
+                 max_versions: int, clock: Callable[[], float] = time.time) -> None:
         self._db = connection
+        self._clock = clock  # what "now" is for every timestamp (tests move it)
         self._lock = threading.Lock()
         self.path = path
         self.master_key = master_key
@@ -121,7 +138,7 @@ class LocalBackend:
 
     @classmethod
     def open(cls, path: Path, master_key: MasterKey, *, create: bool = False,
-             max_versions: int = 10) -> LocalBackend:
+             max_versions: int = 10, clock: Callable[[], float] = time.time) -> LocalBackend:
         """Open the store at *path*; with *create*, make it (and its folder) if missing."""
         path = Path(path)
         exists = path.exists()
@@ -143,7 +160,7 @@ class LocalBackend:
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA secure_delete=ON")
             connection.execute("PRAGMA foreign_keys=ON")
-            backend = cls(connection, path, master_key, max_versions)
+            backend = cls(connection, path, master_key, max_versions, clock)
             backend._ensure_schema(create)
         except sqlite3.DatabaseError as error:
             raise StoreError(
@@ -168,6 +185,10 @@ class LocalBackend:
                      ("created", datetime.now(UTC).isoformat())],
                 )
             info = dict(db.execute("SELECT key, value FROM store_info"))
+            if int(info["schema_version"]) == 1:  # upgrade in place: one table more
+                db.execute(_ROTATIONS)
+                db.execute("UPDATE store_info SET value = '2' WHERE key = 'schema_version'")
+                info["schema_version"] = "2"
         if int(info["schema_version"]) > SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.path} has schema version {info['schema_version']}, newer than this "
@@ -221,7 +242,7 @@ class LocalBackend:
                 f"but the configured master key is '{self.master_key.key_id}'",
                 "point encryption.key_file (or the provider) at the key that created this store",
             )
-        now = time.time()
+        now = self._clock()
         payload = encode_value(value)
         with self._write(name) as db:
             row = db.execute(
@@ -253,6 +274,12 @@ class LocalBackend:
                     raise ConflictError(
                         f"check-and-set failed: current version of {name!r} is {current}, "
                         f"not {cas}", "read it again and retry with the new version",
+                    )
+                if label is Label.PENDING and Label.PENDING in labels:
+                    raise ConflictError(
+                        f"secret {name!r} already has a pending version "
+                        f"({labels[Label.PENDING]}): a rotation is in progress",
+                        "wait for it, or see 'secretfs secrets info'",
                     )
             sealed = seal(self.master_key, payload, associated_data(name, version))
             db.execute(
@@ -317,14 +344,60 @@ class LocalBackend:
             (name, name, name, self.max_versions),
         )
 
+    def update_labels(self, name: str, changes: Mapping[Label, int | None], *,
+                      expect: Mapping[Label, int | None] | None = None) -> None:
+        with self._write(name) as db:
+            self._live_secret(db, name)
+            labels = self._labels(db, name)
+            for label, version in (expect or {}).items():
+                if labels.get(label) != version:
+                    raise ConflictError(
+                        f"label {label.value} of {name!r} points at {labels.get(label)}, "
+                        f"not {version}", "another process changed it: read it again",
+                    )
+            for label, version in changes.items():
+                if version is None:
+                    db.execute("DELETE FROM labels WHERE name = ? AND label = ?",
+                               (name, label.value))
+                    continue
+                self._version_row(db, name, version)  # VersionNotFound if gone
+                self._set_label(db, name, label, version)
+            db.execute("UPDATE secrets SET updated = ? WHERE name = ?", (self._clock(), name))
+            self._prune(db, name)
+
+    def rotation_state(self, name: str) -> RotationState | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT version, step, owner, started, updated FROM rotations WHERE name = ?",
+                (name,),
+            ).fetchone()
+        if row is None:
+            return None
+        version, step, owner, started, updated = row
+        return RotationState(version, RotationStep(step), owner, started, updated)
+
+    def set_rotation_state(self, name: str, state: RotationState | None) -> None:
+        with self._write() as db:
+            if state is None:
+                db.execute("DELETE FROM rotations WHERE name = ?", (name,))
+                return
+            db.execute(
+                "INSERT INTO rotations (name, version, step, owner, started, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "version = excluded.version, step = excluded.step, owner = excluded.owner, "
+                "started = excluded.started, updated = excluded.updated",
+                (name, state.version, state.step.value, state.owner, state.started,
+                 state.updated),
+            )
+
     def update_metadata(self, name: str, metadata: MetadataUpdate) -> None:
         with self._write(name) as db:
             self._live_secret(db, name)
             self._apply_metadata(db, name, metadata)
 
-    @staticmethod
-    def _apply_metadata(db: sqlite3.Connection, name: str, metadata: MetadataUpdate) -> None:
-        changes: dict[str, object] = {"updated": time.time()}
+    def _apply_metadata(self, db: sqlite3.Connection, name: str, metadata: MetadataUpdate
+                        ) -> None:
+        changes: dict[str, object] = {"updated": self._clock()}
         if metadata.description is not None:
             changes["description"] = metadata.description
         if metadata.tags is not None:
@@ -339,7 +412,7 @@ class LocalBackend:
     # -- deleting -----------------------------------------------------------------------------
 
     def delete(self, name: str, version: int | None = None) -> None:
-        self._mark(name, version, "deleted", time.time())
+        self._mark(name, version, "deleted", self._clock())
 
     def undelete(self, name: str, version: int | None = None) -> None:
         with self._write(name) as db:
@@ -367,7 +440,7 @@ class LocalBackend:
             db.execute(
                 "UPDATE versions SET wrapped_key = NULL, nonce = NULL, ciphertext = NULL, "
                 "key_id = NULL, destroyed = ? WHERE name = ? AND version = ?",
-                (time.time(), name, version),
+                (self._clock(), name, version),
             )
 
     def _mark(self, name: str, version: int | None, column: str, when: float) -> None:

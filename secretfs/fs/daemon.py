@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,8 @@ def build_filesystem(config: Config) -> Any:
     cache = cache_for(config)
     backend = open_backend(config)
     sync = SyncSecretsManager(backend, access=access_control(config, os.geteuid()),
-                              audit=open_audit(config, master_key_of(config, backend)))
+                              audit=open_audit(config, master_key_of(config, backend)),
+                              rotation=config.manager.rotation)
     manager = SecretsManager(sync, cache=cache)
     callers = CallerCache()
 
@@ -208,6 +210,11 @@ async def serve(config_source: str | None, config: Config, mountpoint: Path,
             if hasattr(audit, "run"):  # the log flushes at least every second, and on the way out
                 nursery.start_soon(audit.run)
             nursery.start_soon(_follow_changes, filesystem)
+            if config.manager.rotation.enabled:  # rotate what falls due (rotation/schedule.py)
+                from secretfs.rotation.schedule import run_schedule
+
+                nursery.start_soon(partial(run_schedule, filesystem.manager.sync.rotator(),
+                                           on_change=filesystem.manager.forget))
             nursery.start_soon(_handle_signals, filesystem, config_source)
             nursery.start_soon(_announce_when_answering, mountpoint, report)
             await pyfuse3.main()
@@ -273,6 +280,7 @@ def _reload(filesystem: Any, config_source: str | None) -> None:
 
     filesystem.manager.cache = cache_for(config)
     filesystem.manager.sync.access = access_control(config, os.geteuid())
+    filesystem.manager.sync.rotation = config.manager.rotation
     log.info("configuration reloaded from %s (backend and mount options need a restart)",
              config.source or "the embedded default")
 

@@ -1,10 +1,35 @@
-"""When a secret is next due for rotation."""
+"""When a secret is next due for rotation, and when its ``previous`` version is let go.
+
+A secret with a rotation policy is due at the earliest of: its interval after the current version
+was made, the first slot of its cron schedule after that, and ``max_age`` after it. A policy with
+neither interval nor schedule uses the configuration's ``rotation.schedule``; ``max_age`` and
+``overlap`` fall back to ``rotation.default_policy``. Because "due" is computed from when the
+current version was made, a daemon that was down across several slots rotates once when it
+starts, not once per missed slot, and then follows the schedule again.
+
+Jitter: each secret's due time is pushed back by a fixed fraction of ``JITTER`` (at most a tenth
+of its period) derived from its name, so a thousand secrets on one schedule do not hit the
+backend in the same second — and a given secret always gets the same offset, so restarts do not
+move it around.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from secretfs.model import RotationPolicy
+from secretfs.errors import SecretfsError
+from secretfs.model import Label, RotationPolicy, SecretMetadata
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from secretfs.config import RotationSettings
+    from secretfs.rotation.workflow import Rotator
+
+JITTER = 30.0  # seconds: the most a due time is spread
+MAX_SLEEP = 60.0  # the scheduler looks again at least this often (new policies, other hosts)
 
 
 def next_rotation(policy: RotationPolicy, last_rotated: datetime) -> datetime | None:
@@ -32,3 +57,71 @@ def check_schedule(expression: str) -> str:
             "use five fields: minute hour day-of-month month day-of-week, e.g. '0 0 * * *'",
         )
     return expression
+
+
+def _cron_next(expression: str, after: float) -> float:
+    from croniter import croniter
+
+    return float(croniter(expression, after).get_next(float))
+
+
+def _spread(name: str, period: float, jitter: float | None) -> float:
+    """This secret's fixed offset: a fraction of JITTER (≤ a tenth of the period) from its name."""
+    limit = min(JITTER if jitter is None else jitter, period / 10)
+    fraction = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") / 2**32
+    return limit * fraction
+
+
+def due_at(metadata: SecretMetadata, settings: RotationSettings,
+           jitter: float | None = None) -> float | None:
+    """When *metadata*'s secret is next due (epoch seconds), or None (no policy, disabled, no
+    current version)."""
+    policy = metadata.rotation
+    current = metadata.current_version
+    info = metadata.version_info(current) if current else None
+    if policy is None or not policy.enabled or info is None:
+        return None
+    made = info.created.timestamp()
+    times = [made + (policy.max_age or settings.max_age)]
+    if policy.interval:
+        times.append(made + policy.interval)
+    if policy.schedule or not policy.interval:
+        times.append(_cron_next(policy.schedule or settings.schedule, made))
+    when = min(times)
+    return when + _spread(metadata.name, max(when - made, 0.0), jitter)
+
+
+def previous_expires_at(metadata: SecretMetadata, settings: RotationSettings) -> float | None:
+    """When the ``previous`` label is let go: ``overlap`` after the current version was made."""
+    current = metadata.current_version
+    info = metadata.version_info(current) if current else None
+    if Label.PREVIOUS not in metadata.labels or info is None or metadata.rotation is None:
+        return None
+    overlap = metadata.rotation.overlap
+    return info.created.timestamp() + (settings.overlap if overlap is None else overlap)
+
+
+async def run_schedule(rotator: Rotator, *, on_change: Callable[[str], None] | None = None,
+                       max_sleep: float = MAX_SLEEP) -> None:
+    """The daemon's scheduler: rotate what is due, sleep until the next due time (at most
+    *max_sleep*), forever. At start it runs at once, so what fell due while the daemon was down
+    rotates now — once. Rotations run in a worker thread (hooks and the backend block)."""
+    import logging
+
+    import trio
+
+    log = logging.getLogger("secretfs.rotation")
+    while True:
+        try:
+            results = await trio.to_thread.run_sync(rotator.run_due)
+            wake = await trio.to_thread.run_sync(rotator.next_wakeup)
+        except SecretfsError as error:  # the backend is down, say: try again later
+            log.warning("rotation check failed: %s", error)
+            results, wake = [], None
+        for result in results:
+            if on_change is not None:
+                on_change(result.name)
+            log.info("rotation of %s: %s (%s → %s)", result.name, result.outcome,
+                     result.old_version, result.new_version)
+        pause = max_sleep if wake is None else min(max_sleep, max(wake - rotator.clock(), 0.05))
+        await trio.sleep(pause)
