@@ -11,7 +11,9 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: system-deps $(STAMP)
 
-# Debian packages pyfuse3 needs to build and run, installed only when missing.
+# Debian packages pyfuse3 needs to build and run, and the PostgreSQL server and client
+# (/usr/lib/postgresql/<ver>/bin) plus strace that the rotation tests against a real server use,
+# installed only when missing. The tests run their own throw-away cluster, never Debian's `main`.
 system-deps:
 	@missing=""; \
 	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
@@ -19,6 +21,9 @@ system-deps:
 	pkg-config --exists fuse3 2>/dev/null  || missing="$$missing libfuse3-dev"; \
 	command -v cc          >/dev/null 2>&1 || missing="$$missing gcc"; \
 	command -v getfattr    >/dev/null 2>&1 || missing="$$missing attr"; \
+	ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/psql >/dev/null 2>&1 \
+	                                       || missing="$$missing postgresql"; \
+	command -v strace      >/dev/null 2>&1 || missing="$$missing strace"; \
 	$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
 	                                       || missing="$$missing python3-dev"; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
@@ -47,6 +52,7 @@ bench: setup
 	$(BIN)/python benchmarks/cli.py
 	$(BIN)/python benchmarks/read.py
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/rotation.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis .ruff_cache *.egg-info

@@ -175,11 +175,13 @@ class Rotator:
                policy: RotationPolicy, started: float, caller: Caller | None,
                decision: Decision, validator: Validator | None, *, outcome: str
                ) -> RotationResult:
-        """Steps 2–4 (module docstring); on failure, the pending version is let go."""
+        """Steps 2–4 (module docstring); on failure, the pending version is let go and, if
+        ``set`` had applied it, ``set`` runs once more with the current value to put it back."""
         self._save(name, new, RotationStep.APPLYING, started)
-        step = "set"
+        step, applied = "set", False
         try:
             self._hook("set", policy.set_cmd, name, new, secret, key)
+            applied = bool(policy.set_cmd)
             step = "validate"
             self._hook("validate", policy.validate_cmd, name, new, secret, key)
             if validator is not None and validator(name, secret) is False:
@@ -189,14 +191,33 @@ class Rotator:
                 name, {Label.CURRENT: new, Label.PREVIOUS: old, Label.PENDING: None},
                 expect={Label.CURRENT: old, Label.PENDING: new})
         except (SecretfsError, OSError) as error:
-            self._let_go(name, new)
             failure = error if isinstance(error, RotationFailed) else RotationFailed(
                 f"rotation of {name!r} failed at {step}: {error}")
+            reverted = self._revert(name, old, key, policy) if applied else None
+            self._let_go(name, new)
+            if reverted is not None:
+                failure = RotationFailed(f"{failure.what}; {reverted}", failure.fix)
             self._record(RotationResult(name, "failed", old, None), caller, decision,
                          step=step, failure=failure.what)
             raise failure from None
         self.backend.set_rotation_state(name, None)
         return self._record(RotationResult(name, outcome, old, new), caller, decision)
+
+    def _revert(self, name: str, old: int | None, key: str | None,
+                policy: RotationPolicy) -> str:
+        """Run ``set`` with the current value again, after it applied a value that then
+        failed: the system behind it goes back to what ``current`` says. What happened, in a
+        phrase for the error and the audit line."""
+        if old is None:
+            return "there was no current value to set back"
+        try:
+            previous = value_of_key(self.backend.read_value(name, old), key, name)
+            self._hook("set", policy.set_cmd, name, old, previous, key)
+        except (SecretfsError, OSError) as error:
+            detail = error.what if isinstance(error, SecretfsError) else str(error)
+            return (f"setting the current value back failed too ({detail}): the system may "
+                    f"hold the failed value, kept unlabelled in the store")
+        return f"the current value (version {old}) was set back"
 
     def _let_go(self, name: str, pending: int) -> None:
         """Remove the pending label (if still ours) and the state; current is untouched."""
