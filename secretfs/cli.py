@@ -196,7 +196,10 @@ def _generator(args: argparse.Namespace) -> Any:
     from secretfs.model import GeneratorSpec
     from secretfs.rotation.generate import check_spec
 
-    return check_spec(GeneratorSpec(length=args.length, charset=args.charset))
+    return check_spec(GeneratorSpec(
+        length=args.length, charset=args.charset, kind=args.kind,
+        require_each=args.require_each, exclude=args.exclude or "",
+        exclude_ambiguous=args.exclude_ambiguous))
 
 
 def _rotation_from_args(args: argparse.Namespace) -> Any:
@@ -205,7 +208,7 @@ def _rotation_from_args(args: argparse.Namespace) -> Any:
     from secretfs.model import RotationPolicy, parse_duration
 
     flags = (args.rotate_every, args.rotate_schedule, args.overlap, args.set_cmd,
-             args.validate_cmd)
+             args.validate_cmd, args.max_age, args.rotate_key)
     if all(flag is None for flag in flags):
         return None
     if args.rotate_every and args.rotate_schedule:
@@ -228,6 +231,7 @@ def _rotation_from_args(args: argparse.Namespace) -> Any:
         interval=duration("--rotate-every", args.rotate_every), schedule=schedule,
         overlap=duration("--overlap", args.overlap), generator=_generator(args),
         set_cmd=args.set_cmd, validate_cmd=args.validate_cmd,
+        max_age=duration("--max-age", args.max_age), key=args.rotate_key,
     )
 
 
@@ -298,13 +302,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         metadata = manager.info(args.name)
         backend = manager.backend.kind
+        settings = manager.rotation
     document = metadata.to_json()
     current = metadata.version_info(metadata.current_version or 0)
     next_due = None
     if metadata.rotation and current:
         from secretfs.rotation.schedule import next_rotation
 
-        next_due = next_rotation(metadata.rotation, current.created)
+        next_due = next_rotation(metadata, settings)
     document["next_rotation"] = next_due.isoformat() if next_due else None
     document["backend"] = backend
     if args.json:
@@ -329,7 +334,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         every = (f"every {format_duration(policy.interval)}" if policy.interval
                  else f"schedule '{policy.schedule}'" if policy.schedule else "manual")
         extra = f", overlap {format_duration(policy.overlap)}" if policy.overlap else ""
-        generator = f", {policy.generator.length} × {policy.generator.charset}"
+        spec = policy.generator
+        generator = (", uuid" if spec.kind == "uuid" else
+                     f", {spec.length} random bytes" if spec.kind == "bytes" else
+                     f", {spec.length} × {spec.charset}"
+                     + (" (each class)" if spec.require_each else ""))
+        if policy.key:
+            generator += f", key {policy.key}"
         rows.append(("rotation", every + extra + generator
                      + ("" if policy.enabled else " (disabled)")))
         rows.append(("next rotation", _when(next_due)))
@@ -762,9 +773,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         sub.add_argument("--generate", action="store_true", help="generate a random value")
         sub.add_argument("--length", type=_count, default=32, metavar="N",
                          help="generated length (default 32)")
-        sub.add_argument("--charset", default="alnum",
-                         choices=["alnum", "alpha", "numeric", "hex", "symbols", "base64"],
-                         help="generated characters (default alnum)")
+        sub.add_argument("--charset", default="alnum", metavar="SET",
+                         help="generated characters: alnum (default), alpha, numeric, hex, "
+                              "symbols, base64, or custom:CHARS")
+        sub.add_argument("--kind", default="text", choices=["text", "bytes", "uuid"],
+                         help="generate characters (default), N random bytes as base64, or a "
+                              "UUID")
+        sub.add_argument("--require-each", action="store_true",
+                         help="at least one character of each class in the set (lower, upper, "
+                              "digit, symbol)")
+        sub.add_argument("--exclude", metavar="CHARS", help="characters never to generate")
+        sub.add_argument("--exclude-ambiguous", action="store_true",
+                         help="no look-alikes (I l 1 O 0 o | ` ' \")")
         sub.add_argument("--description", metavar="D")
         sub.add_argument("--tag", action="append", metavar="K=V", help="a tag (repeat for more)")
         sub.add_argument("--cas", type=_count, metavar="VERSION",
@@ -776,6 +796,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         sub.add_argument("--overlap", metavar="DURATION",
                          help="how long the old value stays readable as 'previous' after a "
                               "rotation")
+        sub.add_argument("--max-age", metavar="DURATION",
+                         help="rotate at the latest this long after the last rotation "
+                              "(default: the config's rotation.default_policy.max_age)")
+        sub.add_argument("--rotate-key", metavar="K",
+                         help="the key of a map-valued secret that rotates (default password)")
         sub.add_argument("--set-cmd", metavar="CMD",
                          help="rotation hook that applies the new value (gets it on stdin)")
         sub.add_argument("--validate-cmd", metavar="CMD",

@@ -243,3 +243,45 @@ def test_the_daemon_rotates_what_falls_due_and_the_mount_follows(tmp_path: Path)
             assert (mount.path / "db/previous/value").read_text() == first
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_put_sets_the_generator_and_the_rotated_key(tmp_path: Path) -> None:
+    import uuid
+
+    store = make_store(tmp_path)
+    store.put("token", "--generate", "--kind", "uuid")
+    assert uuid.UUID(store.get("token").decode()).version == 4
+    store.put("db", "--key", "user=app", "--key", "pin=0000", "--rotate-every", "30d",
+              "--rotate-key", "pin", "--charset", "numeric", "--length", "6", "--max-age", "60d")
+    info = json.loads(store.cli("secrets", "info", "db", "--json", check=True).stdout)
+    assert info["rotation"]["key"] == "pin" and info["rotation"]["max_age"] == 60 * 86400
+    store.cli("secrets", "rotate", "db", check=True)
+    rotated = json.loads(store.get("db"))
+    assert rotated["user"] == "app" and rotated["pin"].isdigit() and len(rotated["pin"]) == 6
+    refused = store.cli("secrets", "put", "x", "--generate", "--charset", "custom:a")
+    assert refused.returncode == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                    reason="real mounts need root and /dev/fuse")
+def test_pending_appears_under_the_mount_while_a_rotation_runs(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "store")
+    store.put("db", fresh(), "--rotate-every", "30d",
+              "--set-cmd", f"cat > /dev/null; touch {tmp_path}/setting; sleep 2")
+    folder = Path(tempfile.mkdtemp(prefix="secretfs-test-"))
+    try:
+        with mounted(store, folder / "mnt") as mount:
+            rotating = subprocess.Popen([sys.executable, "-m", "secretfs", "secrets", "rotate",
+                                         "db"], env=store.env(), stdout=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while not (mount.path / "db/pending/value").exists():
+                assert time.monotonic() < deadline, "pending never appeared"
+                time.sleep(0.05)
+            assert rotating.wait(timeout=30) == 0
+            deadline = time.monotonic() + 5
+            while (mount.path / "db/pending").exists():
+                assert time.monotonic() < deadline, "pending did not go away"
+                time.sleep(0.05)
+            assert (mount.path / "db/previous/value").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

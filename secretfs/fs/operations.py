@@ -408,8 +408,7 @@ class SecretsFS(pyfuse3.Operations):
             policy = metadata.rotation
             attributes["rotation"] = (f"every {format_duration(policy.interval)}"
                                       if policy.interval else policy.schedule or "manual")
-            current = metadata.version_info(metadata.current_version or 0)
-            due = next_rotation(policy, current.created) if current else None
+            due = next_rotation(metadata, self.manager.sync.rotation)
             if due is not None:
                 attributes["next_rotation"] = due.isoformat()
         return attributes

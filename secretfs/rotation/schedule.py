@@ -16,11 +16,11 @@ move it around.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from secretfs.errors import SecretfsError
-from secretfs.model import Label, RotationPolicy, SecretMetadata
+from secretfs.model import Label, SecretMetadata
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,17 +32,15 @@ JITTER = 30.0  # seconds: the most a due time is spread
 MAX_SLEEP = 60.0  # the scheduler looks again at least this often (new policies, other hosts)
 
 
-def next_rotation(policy: RotationPolicy, last_rotated: datetime) -> datetime | None:
-    """The next time *policy* rotates a secret last rotated at *last_rotated* (None: never)."""
-    if not policy.enabled:
-        return None
-    if policy.schedule:
-        from croniter import croniter  # 60 ms to import: only where a schedule is evaluated
+def next_rotation(metadata: SecretMetadata, settings: RotationSettings | None
+                  ) -> datetime | None:
+    """When *metadata*'s secret rotates next, as a datetime (None: never) — for display."""
+    if settings is None:
+        from secretfs.config import RotationSettings
 
-        return croniter(policy.schedule, last_rotated).get_next(datetime)
-    if policy.interval:
-        return last_rotated + timedelta(seconds=policy.interval)
-    return None
+        settings = RotationSettings()
+    when = due_at(metadata, settings)
+    return None if when is None else datetime.fromtimestamp(when, UTC)
 
 
 def check_schedule(expression: str) -> str:
