@@ -341,3 +341,18 @@ def test_through_a_mount_run_imports_no_crypto_no_trio_no_fuse(store: Store, mou
                 for line in done.stderr.decode().splitlines() if line.startswith("import time")}
     assert "injector" in imported  # the check sees the injector's own imports...
     assert not imported & {"cryptography", "trio", "pyfuse3", "keyring"}  # ...and none of these
+
+
+def test_watch_restarts_the_child_after_a_rotation(store: Store, tmp_path: Path) -> None:
+    store.put("w", fresh(), "--rotate-every", "30d")
+    out = tmp_path / "seen"
+    child = _watched(store, out, "--env", "X=secretfs://w", "--", "sh", "-c",
+                     f'echo "$X" >> {out}; trap "exit 0" TERM; while :; do sleep 0.1; done')
+    try:
+        assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 1)
+        store.cli("secrets", "rotate", "w", check=True)
+        assert wait_for(lambda: len(out.read_text().splitlines()) == 2, timeout=5)
+        assert out.read_text().splitlines()[1].encode() == store.get("w")
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=15)
