@@ -414,6 +414,11 @@ class SecretsManager:
                    ) -> list[SecretMetadata]:
         return await self._run(self.sync.list, prefix, caller=caller)
 
+    async def fresh_metadata(self, name: str) -> SecretMetadata:
+        """Metadata straight from the backend (the cache is neither read nor filled): what the
+        mount's poller compares with what it has cached."""
+        return await self._run(self.sync.metadata, name)
+
     async def names(self) -> list[str]:
         """Every live secret name, for the mount's tree (visibility is filtered per caller)."""
         return await self._run(self.sync.backend.list_names)

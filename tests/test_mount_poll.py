@@ -1,0 +1,91 @@
+"""A backend without a change feed (a remote service other hosts write to) is followed by polling
+its metadata: a write made elsewhere shows under the mount within the poll interval."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_store
+from tests.mounting import mounted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="real mounts need root and /dev/fuse")
+
+SILENT_BACKEND = '''
+import dataclasses
+from pathlib import Path
+
+from secretfs.backends import BUILT_IN
+
+
+class Silent:
+    """The real local backend, minus its change feed: like OpenBao or AWS to the daemon."""
+
+    kind = "silent"
+    capabilities = frozenset({"versions", "labels", "cas", "metadata", "folders"})
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def changes_since(self, cursor):
+        return (0, None) if cursor is None else (cursor, set())
+
+    def __getattr__(self, attribute):
+        return getattr(self.inner, attribute)
+
+
+def factory(config, *, create=False):
+    options = config.manager.backend.options
+    backend = dataclasses.replace(config.manager.backend, type="local",
+                                  path=Path(options["path"]), options={})
+    local = dataclasses.replace(config, manager=dataclasses.replace(config.manager,
+                                                                    backend=backend))
+    return Silent(BUILT_IN["local"](local, create=create))
+'''
+
+
+def silent_plugin(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "silent_backend.py").write_text(SILENT_BACKEND)
+    info = folder / "silent_backend-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: silent-backend\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[secretfs.backends]\nsilent = silent_backend:factory\n")
+    return folder
+
+
+def test_writes_made_elsewhere_appear_within_the_poll_interval(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "s")
+    first, second = os.urandom(8).hex(), os.urandom(8).hex()
+    store.put("db", first)
+    daemon_config = tmp_path / "daemon.yaml"
+    daemon_config.write_text(
+        "secrets_manager:\n"
+        f"  backend: {{ type: silent, path: {store.db} }}\n"
+        f"  encryption: {{ provider: file, key_file: {store.key_file} }}\n"
+        f"  audit: {{ path: {store.root / 'audit.log'} }}\n"
+        "  cache: { ttl: 1h, poll_interval: 1s }\n"
+    )
+    env = store.env(PYTHONPATH=str(silent_plugin(tmp_path / "plugins")),
+                    SECRETFS_CONFIG=str(daemon_config))
+    folder = Path(tempfile.mkdtemp(prefix="secretfs-test-"))
+    try:
+        with mounted(store, folder / "mnt", env=env) as mount:
+            target = mount.path / "db/latest/value"
+            assert target.read_text() == first  # cached for an hour: only polling can tell
+            store.put("db", second)  # "another host": the store's own CLI, not the daemon
+            store.put("newcomer", first)
+            deadline = time.monotonic() + 5
+            while target.read_text() != second:
+                assert time.monotonic() < deadline, "the change was not noticed"
+                time.sleep(0.1)
+            assert (mount.path / "newcomer/latest/value").read_text() == first
+            assert "backend unavailable" not in mount.log_text()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
