@@ -392,6 +392,35 @@ def cmd_undelete(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- migrate / import ------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from secretfs.config import load_config
+    from secretfs.manager import SyncSecretsManager
+    from secretfs.migrate import Progress, migrate
+
+    with SyncSecretsManager.from_config(load_config(args.source)) as source, \
+            SyncSecretsManager.from_config(load_config(args.target), create=True) as target:
+        report = migrate(source, target, args.prefix or "", progress=Progress())
+    print(f"migrated {report.secrets} secrets: {report.written} versions written, "
+          f"{report.present} already there")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from secretfs.migrate import import_pairs, read_import
+
+    kind = args.format or ("json" if args.file.endswith(".json") else "dotenv")
+    text = sys.stdin.read() if args.file == "-" else _read_file(args.file).decode(
+        "utf-8", "replace")
+    pairs = read_import(text, args.file, kind)
+    with _manager(args) as manager:
+        count = import_pairs(manager, pairs, args.prefix or "")
+    print(f"imported {count} secrets")
+    return 0
+
+
 # -- rotation -------------------------------------------------------------------------------
 
 
@@ -737,6 +766,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     command(commands, ("inject",), cmd_inject,
             "render a template's secretfs references into a private file", inject_arguments)
 
+    def migrate_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--from", dest="source", required=True, metavar="CONFIG",
+                         help="the configuration of the backend to copy from")
+        sub.add_argument("--to", dest="target", required=True, metavar="CONFIG",
+                         help="the configuration of the backend to copy to")
+        sub.add_argument("--prefix", metavar="P", help="only secrets whose name starts with P")
+
+    command(commands, ("migrate",), cmd_migrate,
+            "copy every secret, version, label and tag to another backend (resumable)",
+            migrate_arguments)
+
     rotation_verbs = group("rotation", "scheduled rotation")
 
     def run_due_arguments(sub: argparse.ArgumentParser) -> None:
@@ -863,6 +903,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     command(verbs, ("secrets", "check-access"), cmd_check_access,
             "would this caller be allowed? (exit 0: allow, 1: deny)", check_access_arguments)
+
+    def import_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("file", metavar="FILE", help="a dotenv or JSON file (- for stdin)")
+        sub.add_argument("--format", choices=["dotenv", "json"],
+                         help="default: json for *.json, else dotenv")
+        sub.add_argument("--prefix", metavar="P", help="put each secret under P (e.g. app/)")
+
+    command(verbs, ("secrets", "import"), cmd_import,
+            "store each key of a dotenv or JSON file as a secret", import_arguments)
 
     def rotate_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("name", metavar="NAME")
