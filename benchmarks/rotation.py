@@ -35,15 +35,14 @@ def build(folder: Path) -> Path:
     """A store of COUNT secrets made 31 days ago that rotate every 30 days: all due now."""
     from secretfs.backends.local import LocalBackend
     from secretfs.config import load_config
-    from secretfs.crypto.keys import load_master_key
+    from secretfs.crypto.keys import configured_master_key
     from secretfs.manager import SyncSecretsManager
     from secretfs.model import RotationPolicy, Secret
 
     config = folder / "config.yaml"
     config.write_text(CONFIG)
     SyncSecretsManager.from_config(load_config(config), create=True).close()
-    encryption = load_config(config).manager.encryption
-    key = load_master_key(encryption.provider, encryption.key_file, create=False)
+    key = configured_master_key(load_config(config).manager.encryption, create=False)
     made = time.time() - 31 * 86400
     backend = LocalBackend.open(folder / "store.db", key, clock=lambda: made)
     manager = SyncSecretsManager(backend)

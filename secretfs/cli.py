@@ -534,11 +534,10 @@ def cmd_check_access(args: argparse.Namespace) -> int:
 
 def _audit_key(args: argparse.Namespace) -> tuple[Any, bytes]:
     from secretfs.auditlog import audit_key
-    from secretfs.crypto.keys import load_master_key
+    from secretfs.crypto.keys import configured_master_key
 
     config = _config(args)
-    encryption = config.manager.encryption
-    master = load_master_key(encryption.provider, encryption.key_file, create=False)
+    master = configured_master_key(config.manager.encryption, create=False)
     return config.manager.audit.path, audit_key(master)
 
 

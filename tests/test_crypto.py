@@ -220,9 +220,11 @@ def test_master_key_cannot_be_pickled(master: LocalMasterKey) -> None:
 # -- providers: dispatch ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("provider", ["openbao_transit", "aws_kms"])
-def test_backend_providers_need_their_extra(tmp_path: Path, provider: str) -> None:
-    with pytest.raises(ConfigError, match="extra") as info:
+@pytest.mark.parametrize(("provider", "setting"),
+                         [("openbao_transit", "key_name"), ("aws_kms", "key_id")])
+def test_remote_providers_need_the_name_of_their_key(tmp_path: Path, provider: str,
+                                                     setting: str) -> None:
+    with pytest.raises(ConfigError, match=f"encryption.{setting}") as info:
         load_master_key(provider, tmp_path / "k", create=True)
     assert provider in str(info.value)
 

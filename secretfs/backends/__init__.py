@@ -21,12 +21,10 @@ ENTRY_POINT_GROUP = "secretfs.backends"
 
 def _open_local(config: Config, *, create: bool = False) -> Backend:
     from secretfs.backends.local import LocalBackend
-    from secretfs.crypto.keys import load_master_key
+    from secretfs.crypto.keys import configured_master_key
 
     settings = config.manager
-    master_key = load_master_key(
-        settings.encryption.provider, settings.encryption.key_file, create=create
-    )
+    master_key = configured_master_key(settings.encryption, create=create)
     return LocalBackend.open(
         settings.backend.path, master_key, create=create,
         max_versions=settings.backend.max_versions,
@@ -59,10 +57,9 @@ def master_key_of(config: Config, backend: Backend) -> MasterKey:
     """The master key: the one the backend holds (local), else the configured provider's."""
     key = getattr(backend, "master_key", None)
     if key is None:
-        from secretfs.crypto.keys import load_master_key
+        from secretfs.crypto.keys import configured_master_key
 
-        key = load_master_key(config.manager.encryption.provider,
-                              config.manager.encryption.key_file, create=False)
+        key = configured_master_key(config.manager.encryption, create=False)
     return key
 
 

@@ -27,25 +27,30 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from secretfs.errors import ConfigError, IntegrityError, StoreError, UnsafeKeyFile
 
+if TYPE_CHECKING:
+    from secretfs.config import EncryptionConfig
+
 __all__ = [
     "PROVIDERS",
     "LocalMasterKey",
     "MasterKey",
+    "configured_master_key",
     "create_key_file",
     "load_master_key",
 ]
 
 MASTER_KEY_SIZE = 32
-PROVIDERS = ("file", "passphrase", "keyring")
+REMOTE_PROVIDERS = {"openbao_transit": "key_name", "aws_kms": "key_id"}
+"""Providers whose key stays in a service (crypto/remote.py), and the setting that names it."""
+PROVIDERS = ("file", "passphrase", "keyring", *REMOTE_PROVIDERS)
 """The providers this version implements."""
 
-_LATER_PROVIDERS = {"openbao_transit": "openbao", "aws_kms": "aws"}
 _KEY_ID_LABEL = b"secretfs master key id"
 _MAX_KEY_FILE_BYTES = 4096
 _KEYRING_SERVICE = "secretfs"
@@ -131,7 +136,8 @@ def _key_id(key: bytes) -> str:
 # -- dispatch ---------------------------------------------------------------------------------
 
 
-def load_master_key(provider: str, key_file: Path, *, create: bool) -> MasterKey:
+def load_master_key(provider: str, key_file: Path, *, create: bool,
+                    remote_key: str | None = None) -> MasterKey:
     """Load the master key from ``provider``; with ``create``, make it first if there is none.
 
     ``create=True`` is idempotent and safe against concurrent callers: every caller ends up with
@@ -145,17 +151,25 @@ def load_master_key(provider: str, key_file: Path, *, create: bool) -> MasterKey
         return _load_passphrase_key(key_file, create=create)
     if provider == "keyring":
         return _load_keyring_key(key_file, create=create)
-    if provider in _LATER_PROVIDERS:
-        extra = _LATER_PROVIDERS[provider]
-        raise ConfigError(
-            f"encryption provider '{provider}' needs the '{extra}' backend extra, "
-            "which this version of secretfs does not include yet",
-            "set encryption.provider to 'file', 'passphrase' or 'keyring'",
-        )
+    if provider in REMOTE_PROVIDERS:
+        setting = REMOTE_PROVIDERS[provider]
+        if not remote_key:
+            raise ConfigError(f"encryption provider '{provider}' needs encryption.{setting}",
+                              f"set encryption.{setting} to the key's name in the service")
+        from secretfs.crypto import remote  # httpx or boto3: only for these providers
+
+        factory = remote.transit_key if provider == "openbao_transit" else remote.kms_key
+        return factory(remote_key, key_file, create=create)
     raise ConfigError(
         f"unknown encryption provider '{provider}'",
         "set encryption.provider to one of: " + ", ".join(PROVIDERS),
     )
+
+
+def configured_master_key(encryption: EncryptionConfig, *, create: bool) -> MasterKey:
+    """The master key an ``encryption:`` section names."""
+    return load_master_key(encryption.provider, encryption.key_file, create=create,
+                           remote_key=encryption.key_name or encryption.key_id)
 
 
 def create_key_file(path: Path) -> LocalMasterKey:
