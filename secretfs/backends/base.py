@@ -23,9 +23,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from secretfs.model import Label, RotationPolicy, RotationState, SecretMetadata, Value
+
+CAPABILITIES: Mapping[str, str] = MappingProxyType({
+    "versions": "many versions are kept, numbered from 1; without it only the newest is kept "
+                "(a write replaces the value, its number still goes up, `versions` lists one)",
+    "labels": "current, previous and pending are movable and update_labels works; without it "
+              "only `current` exists, and a pending write or update_labels raises a SecretfsError",
+    "cas": "a write given `cas` checks the current version first; without it such a write raises "
+           "a SecretfsError instead of silently skipping the check",
+    "soft_delete": "delete hides a secret or version until undelete; without it delete and "
+                   "undelete raise a SecretfsError and change nothing (destroy is the way)",
+    "destroy": "destroy erases a version's value, or the whole secret, for good; without it "
+               "destroy raises a SecretfsError and changes nothing",
+    "metadata": "description, tags and rotation policy are stored (MetadataUpdate); without it "
+                "update_metadata raises a SecretfsError and they read back empty",
+    "rotation_state": "an unfinished rotation is recorded (set_rotation_state); without it "
+                      "rotation_state is always None and recording one raises a SecretfsError",
+    "change_feed": "changes_since names what changed; without it changes_since returns "
+                   "(cursor, None) only on the first call and (cursor, set()) after, and the "
+                   "daemon polls metadata instead (cache.poll_interval)",
+    "folders": "names may contain '/' (a name is never also a folder of another name); without "
+               "it such a name is refused with InvalidName",
+})
+"""What a backend can do, by name → meaning; a backend lists the ones it has in its
+``capabilities``. The manager, daemon and CLI look here instead of at ``kind`` so a plugin is
+treated by what it declares, and the conformance suite (secretfs.testing) checks each declared
+capability — and, for each missing one, the behaviour its meaning promises instead."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,7 @@ class Backend(Protocol):
     """A store of versioned secrets. Every method may raise BackendUnavailable."""
 
     kind: str  # "local", "openbao", …: shown by `info` and `doctor`
+    capabilities: frozenset[str]  # names from CAPABILITIES: what callers may rely on
 
     def write_version(
         self,

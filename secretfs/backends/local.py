@@ -124,6 +124,10 @@ class LocalBackend:
     """Versioned secrets in one SQLite file, sealed by a master key."""
 
     kind = "local"
+    capabilities = frozenset({  # the reference: every name in base.CAPABILITIES
+        "versions", "labels", "cas", "soft_delete", "destroy", "metadata", "rotation_state",
+        "change_feed", "folders",
+    })
 
     def __init__(self, connection: sqlite3.Connection, path: Path, master_key: MasterKey,
                  max_versions: int, clock: Callable[[], float] = time.time) -> None:
