@@ -1,0 +1,220 @@
+"""The OpenBao backend against a real dev server (tests/openbao.py). Values are never printed."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from secretfs.backends.base import MetadataUpdate
+from secretfs.backends.openbao import OpenBaoBackend, decode_kv, encode_kv, open_openbao
+from secretfs.config import parse_config
+from secretfs.errors import BackendUnavailable, ConflictError, SecretNotFound, VersionNotFound
+from secretfs.model import Label, RotationState, RotationStep
+from secretfs.testing.backend_conformance import BackendConformance
+from tests.openbao import OpenBaoServer, free_port, openbao, requires_openbao, running_openbao
+
+pytestmark = requires_openbao
+__all__ = ["openbao"]  # the fixture, re-exported for pytest
+
+
+def fresh_mount(server: OpenBaoServer) -> str:
+    mount = "kv-" + secrets.token_hex(4)
+    server.api("POST", f"sys/mounts/{mount}", {"type": "kv", "options": {"version": "2"}})
+    return mount
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoServer]:
+    with running_openbao(tmp_path_factory.mktemp("openbao")) as server:
+        yield server
+
+
+class TestOpenBaoConformance(BackendConformance):
+    @pytest.fixture
+    def backend(self, shared_server: OpenBaoServer) -> Iterator[OpenBaoBackend]:
+        backend = OpenBaoBackend(shared_server.address, mount=fresh_mount(shared_server),
+                                 token=shared_server.root_token)
+        yield backend
+        backend.close()
+
+
+@pytest.fixture
+def backend(openbao: OpenBaoServer) -> Iterator[OpenBaoBackend]:
+    backend = OpenBaoBackend(openbao.address, token=openbao.root_token, max_versions=3)
+    yield backend
+    backend.close()
+
+
+def test_value_encoding() -> None:
+    assert encode_kv(b"abc") == {"__secretfs": "text", "value": "abc"}
+    assert decode_kv(encode_kv(b"\xff\x00")) == b"\xff\x00"
+    assert list(decode_kv(encode_kv({"user": "a", "password": "b"}))) == ["user", "password"]
+    assert encode_kv({"a": "1", "b": "2"}) == {"a": "1", "b": "2"}  # sorted: no marker
+    assert decode_kv({"value": "x"}) == {"value": "x"}  # other tools: a map
+    assert decode_kv({"n": 3}) == {"n": "3"}
+
+
+def test_round_trips_and_cli_view(backend: OpenBaoBackend, openbao: OpenBaoServer) -> None:
+    value = secrets.token_bytes(32)
+    assert backend.write_version("bin", value) == 1
+    assert backend.read_value("bin", 1) == value
+    backend.write_version("db", {"user": "app", "password": "pw-" + secrets.token_hex(8)})
+    shown = openbao.api("GET", "secret/data/db").json()["data"]["data"]
+    assert shown["user"] == "app" and "__secretfs" in shown  # readable, order kept aside
+    info = backend.read_metadata("db").version_info(1)
+    assert info is not None and info.is_map and info.keys == ("user", "password")
+
+
+def test_secret_written_by_bao_cli(backend: OpenBaoBackend, openbao: OpenBaoServer) -> None:
+    openbao.bao("kv", "put", "secret/ext", "password=one")
+    openbao.bao("kv", "put", "secret/ext", "password=two", "user=app")
+    metadata = backend.read_metadata("ext")
+    assert metadata.labels == {Label.CURRENT: 2, Label.PREVIOUS: 1}
+    assert backend.read_value("ext", 2) == {"password": "two", "user": "app"}
+    assert metadata.version_info(2).keys == ("password", "user")
+    backend.write_version("ext", {"password": "three"})
+    assert backend.read_metadata("ext").labels == {Label.CURRENT: 3, Label.PREVIOUS: 2}
+    openbao.bao("kv", "put", "secret/ext", "password=four")  # an outside write after ours
+    assert backend.read_metadata("ext").labels == {Label.CURRENT: 4, Label.PREVIOUS: 3}
+    assert backend.list_names() == ["ext"]
+
+
+def test_pending_keeps_current_and_outside_writes(backend: OpenBaoBackend) -> None:
+    backend.write_version("db", b"one")
+    pending = backend.write_version("db", b"two", label=Label.PENDING)
+    assert backend.read_metadata("db").labels == {Label.CURRENT: 1, Label.PENDING: pending}
+    with pytest.raises(ConflictError):
+        backend.write_version("db", b"three", label=Label.PENDING)
+    with pytest.raises(ConflictError):
+        backend.update_labels("db", {Label.CURRENT: pending}, expect={Label.CURRENT: 2})
+    backend.update_labels("db", {Label.CURRENT: pending, Label.PREVIOUS: 1, Label.PENDING: None},
+                          expect={Label.CURRENT: 1, Label.PENDING: pending})
+    assert backend.read_metadata("db").labels == {Label.CURRENT: 2, Label.PREVIOUS: 1}
+
+
+def test_max_versions_keep_labelled(backend: OpenBaoBackend) -> None:
+    backend.write_version("db", b"v1")
+    for index in range(6):  # pending versions written and abandoned: current stays 1
+        version = backend.write_version("db", b"p%d" % index, label=Label.PENDING)
+        backend.update_labels("db", {Label.PENDING: None})
+    metadata = backend.read_metadata("db")
+    assert [v.version for v in metadata.versions] == [1, version - 2, version - 1, version]
+    assert backend.read_value("db", 1) == b"v1"
+    with pytest.raises(VersionNotFound):
+        backend.read_value("db", 2)
+
+
+def test_delete_undelete_destroy_and_folders(backend: OpenBaoBackend,
+                                             openbao: OpenBaoServer) -> None:
+    backend.write_version("app/db/password", b"x")
+    backend.write_version("app/api", b"y")
+    backend.write_version("other", b"z")
+    assert backend.list_names("app/") == ["app/api", "app/db/password"]
+    backend.delete("app/api")
+    assert openbao.api("GET", "secret/data/app/api", check=False).status_code == 404
+    assert backend.list_names() == ["app/db/password", "other"]
+    backend.undelete("app/api")
+    assert backend.read_value("app/api", 1) == b"y"
+    backend.destroy("app/api")
+    with pytest.raises(SecretNotFound):
+        backend.read_metadata("app/api")
+
+
+def test_rotation_state_and_metadata(backend: OpenBaoBackend) -> None:
+    long_description = "é" * 700  # over one custom_metadata value: split in pieces
+    backend.write_version("db", b"x", metadata=MetadataUpdate(
+        description=long_description, tags={"env": "prod", "empty": ""}))
+    state = RotationState(2, RotationStep.APPLYING, "host:1", 1.5, 2.5)
+    backend.set_rotation_state("db", state)
+    assert backend.rotation_state("db") == state
+    metadata = backend.read_metadata("db")
+    assert metadata.description == long_description
+    assert dict(metadata.tags) == {"empty": "", "env": "prod"}
+    backend.set_rotation_state("db", None)
+    assert backend.rotation_state("db") is None
+
+
+def test_approle_token_expiry_never_fails_a_read(openbao: OpenBaoServer, tmp_path: Path
+                                                  ) -> None:
+    secret_id_file = tmp_path / "secret-id"
+    role_id = openbao.create_role("secretfs", secret_id_file, token_ttl="3s",
+                                  token_max_ttl="6s")
+    backend = OpenBaoBackend(openbao.address, approle={"role_id": role_id,
+                                                       "secret_id_file": secret_id_file})
+    try:
+        backend.write_version("db", b"value")
+        deadline, reads = time.monotonic() + 8, 0
+        while time.monotonic() < deadline:
+            assert backend.read_value("db", 1) == b"value"
+            reads += 1
+            time.sleep(0.2 if reads % 10 else 3.5)  # also idle across a whole TTL once
+        assert reads > 10
+    finally:
+        backend.close()
+
+
+def test_token_file_replaced(openbao: OpenBaoServer, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(openbao.create_token(ttl="1h") + "\n")
+    config = parse_config(
+        "secrets_manager:\n  backend:\n    type: openbao\n"
+        f"    address: {openbao.address}\n    token_file: {token_file}\n")
+    backend = open_openbao(config)
+    try:
+        backend.write_version("db", b"x")
+        old = token_file.read_text().strip()
+        token_file.write_text(openbao.create_token(ttl="1h"))
+        openbao.api("POST", "auth/token/revoke", {"token": old})
+        assert backend.read_value("db", 1) == b"x"  # re-read the file on 403, retried
+    finally:
+        backend.close()
+
+
+def test_first_address_dead(openbao: OpenBaoServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    backend = OpenBaoBackend((dead, openbao.address), token=openbao.root_token)
+    try:
+        backend.write_version("db", b"x")
+        assert backend.read_value("db", 1) == b"x"
+    finally:
+        backend.close()
+
+
+def test_outage(openbao: OpenBaoServer) -> None:
+    backend = OpenBaoBackend(openbao.address, token=openbao.root_token, timeout=2)
+    try:
+        backend.write_version("db", b"x")
+        openbao.stop()
+        with pytest.raises(BackendUnavailable) as caught:
+            backend.read_value("db", 1)
+        assert caught.value.exit_code == 5 and openbao.address in str(caught.value)
+        openbao.start()  # a dev server comes back empty: write again
+        backend.write_version("db", b"y")
+        assert backend.read_value("db", 1) == b"y"
+    finally:
+        backend.close()
+
+
+def test_concurrent_pending_writers_one_wins(backend: OpenBaoBackend) -> None:
+    backend.write_version("db", b"x")
+    outcomes: list[str] = []
+
+    def rotate() -> None:
+        try:
+            backend.write_version("db", secrets.token_bytes(8), label=Label.PENDING)
+            outcomes.append("won")
+        except ConflictError:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=rotate) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["conflict"] * 3 + ["won"]
+    assert backend.read_metadata("db").labels[Label.CURRENT] == 1
