@@ -110,7 +110,8 @@ class SyncSecretsManager:
         config = config or load_config()
         backend = open_backend(config, create=create)
         try:
-            audit = open_audit(config, master_key_of(config, backend), immediate=True)
+            audit = open_audit(config, master_key_of(config, backend, create=create),
+                               immediate=True)
             return cls(backend, access=for_key_holder(config), audit=audit,
                        rotation=config.manager.rotation)
         except BaseException:

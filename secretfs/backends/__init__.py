@@ -31,7 +31,26 @@ def _open_local(config: Config, *, create: bool = False) -> Backend:
     )
 
 
-BUILT_IN = {"local": _open_local}
+def _open_openbao(config: Config, *, create: bool = False) -> Backend:
+    from secretfs.backends.openbao import open_openbao  # httpx: only for this backend
+
+    return open_openbao(config, create=create)
+
+
+def _open_aws(config: Config, *, create: bool = False) -> Backend:
+    from secretfs.backends.aws import open_aws  # boto3: only for this backend
+
+    return open_aws(config, create=create)
+
+
+def _open_keyring(config: Config, *, create: bool = False) -> Backend:
+    from secretfs.backends.keyring import open_keyring
+
+    return open_keyring(config, create=create)
+
+
+BUILT_IN = {"local": _open_local, "openbao": _open_openbao, "aws": _open_aws,
+            "keyring": _open_keyring}
 
 
 def open_backend(config: Config, *, create: bool = False) -> Backend:
@@ -53,13 +72,14 @@ def open_backend(config: Config, *, create: bool = False) -> Backend:
     return factory(config, create=create)
 
 
-def master_key_of(config: Config, backend: Backend) -> MasterKey:
-    """The master key: the one the backend holds (local), else the configured provider's."""
+def master_key_of(config: Config, backend: Backend, *, create: bool = False) -> MasterKey:
+    """The master key: the one the backend holds (local), else the configured provider's
+    (a remote backend encrypts values itself; the key still keys the audit log's MAC)."""
     key = getattr(backend, "master_key", None)
     if key is None:
         from secretfs.crypto.keys import configured_master_key
 
-        key = configured_master_key(config.manager.encryption, create=False)
+        key = configured_master_key(config.manager.encryption, create=create)
     return key
 
 

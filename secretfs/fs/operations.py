@@ -445,34 +445,42 @@ class SecretsFS(pyfuse3.Operations):
         import trio
 
         backoff = Backoff()
+        seen: dict[str, SecretMetadata] = {}
         await trio.sleep(random.uniform(0, interval))
         while True:
             try:
-                await self._poll_once(interval)
+                await self._poll_once(interval, seen)
             except SecretfsError as error:
                 backoff.failed(error)
                 await trio.sleep(backoff.delay())
                 continue
             backoff.succeeded()
 
-    async def _poll_once(self, interval: float) -> None:
+    async def _poll_once(self, interval: float, seen: dict[str, SecretMetadata]) -> None:
+        """One pass. *seen* is what the last passes found: compared with it, not with the
+        cache, because the cache may have reloaded a changed secret by itself (its ttl ran
+        out) without the kernel being told."""
         import trio
 
         known = set(self.tree.index.names())
         listed = set(await self.manager.names())
         if listed != known:
             await self.changed(listed ^ known)
+        for gone in set(seen) - listed:
+            del seen[gone]
         names = sorted(listed)
         pause = interval / max(len(names), 1)
         for name in names:
             await trio.sleep(pause)
-            cached = self.manager.cache.peek(name, "metadata")
             try:
                 fresh = await self.manager.fresh_metadata(name)
             except NotFound:
+                seen.pop(name, None)
                 await self.changed({name})
                 continue
-            if cached is None or cached.value != fresh:
+            last = seen.get(name)
+            seen[name] = fresh
+            if last != fresh:  # or a first look: what the kernel holds may predate it
                 await self.changed({name})
 
     async def changed(self, names: set[str] | None) -> None:
