@@ -302,6 +302,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         metadata = manager.info(args.name)
         backend = manager.backend.kind
+        capabilities = getattr(manager.backend, "capabilities", None)
+        if capabilities is not None and "versions" not in capabilities:
+            backend += " (keeps only the newest version)"
         settings = manager.rotation
     document = metadata.to_json()
     current = metadata.version_info(metadata.current_version or 0)
