@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -482,6 +483,10 @@ class SecretsFS(pyfuse3.Operations):
             seen[name] = fresh
             if last != fresh:  # or a first look: what the kernel holds may predate it
                 await self.changed({name})
+            elif self.manager.cache.peek(name, "metadata") is None:
+                # Keep what was just read: the first open of this secret then costs one
+                # backend request (its value), as a direct read of the service would.
+                await self.manager.cache.get_or_load(name, "metadata", partial(_ready, fresh))
 
     async def changed(self, names: set[str] | None) -> None:
         """Secrets changed in the backend: drop every cache that may hold the old state.
@@ -535,3 +540,8 @@ class Backoff:
         if self.down:
             log.info("backend available again")
         self.down, self._next = False, self.FIRST
+
+
+async def _ready(value: Any) -> Any:
+    """An already-loaded value, as the loader a cache expects."""
+    return value
