@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from secretfs.backends.base import MetadataUpdate
+from secretfs.backends.base import MetadataUpdate, check_write
 from secretfs.errors import (
     BackendUnavailable,
     ConfigError,
@@ -419,19 +419,7 @@ class AwsBackend:
                     f"undelete it with 'secretfs secrets undelete {name}', or remove it for "
                     f"good with 'secretfs secrets rm {name} --destroy'",
                 )
-            labels = secret.labels
-            current = labels.get(Label.CURRENT)
-            if cas is not None and cas != (current or 0):
-                raise ConflictError(
-                    f"check-and-set failed: current version of {name!r} is {current}, "
-                    f"not {cas}", "read it again and retry with the new version",
-                )
-            if label is Label.PENDING and Label.PENDING in labels:
-                raise ConflictError(
-                    f"secret {name!r} already has a pending version "
-                    f"({labels[Label.PENDING]}): a rotation is in progress",
-                    "wait for it, or see 'secretfs secrets info'",
-                )
+            check_write(name, secret.labels, label=label, cas=cas)
             number = max((v.number for v in secret.versions), default=0) + 1
             from botocore.exceptions import ClientError
 

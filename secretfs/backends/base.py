@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
+from secretfs.errors import ConflictError
 from secretfs.model import Label, RotationPolicy, RotationState, SecretMetadata, Value
 
 CAPABILITIES: Mapping[str, str] = MappingProxyType({
@@ -71,6 +72,25 @@ class MetadataUpdate:
             and self.tags is None
             and self.rotation is None
             and not self.clear_rotation
+        )
+
+
+def check_write(name: str, labels: Mapping[Label, int], *, label: Label, cas: int | None,
+                pending: int | None = None) -> None:
+    """The conditions every backend checks before writing a version of an existing secret:
+    check-and-set on ``current``, and one pending version at a time (*pending*: one being
+    written that the labels do not show yet). ConflictError otherwise."""
+    current = labels.get(Label.CURRENT)
+    if cas is not None and cas != (current or 0):
+        raise ConflictError(
+            f"check-and-set failed: current version of {name!r} is {current}, not {cas}",
+            "read it again and retry with the new version",
+        )
+    pending = labels.get(Label.PENDING, pending)
+    if label is Label.PENDING and pending is not None:
+        raise ConflictError(
+            f"secret {name!r} already has a pending version ({pending}): a rotation is in "
+            "progress", "wait for it, or see 'secretfs secrets info'",
         )
 
 

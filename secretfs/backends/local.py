@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secretfs.backends.base import MetadataUpdate
+from secretfs.backends.base import MetadataUpdate, check_write
 from secretfs.crypto.envelope import SealedValue, associated_data, open_sealed, seal
 from secretfs.crypto.keys import MasterKey
 from secretfs.errors import (
@@ -272,19 +272,7 @@ class LocalBackend:
                         f"undelete it with 'secretfs secrets undelete {name}', or remove it for "
                         f"good with 'secretfs secrets rm {name} --destroy'",
                     )
-                labels = self._labels(db, name)
-                current = labels.get(Label.CURRENT)
-                if cas is not None and cas != (current or 0):
-                    raise ConflictError(
-                        f"check-and-set failed: current version of {name!r} is {current}, "
-                        f"not {cas}", "read it again and retry with the new version",
-                    )
-                if label is Label.PENDING and Label.PENDING in labels:
-                    raise ConflictError(
-                        f"secret {name!r} already has a pending version "
-                        f"({labels[Label.PENDING]}): a rotation is in progress",
-                        "wait for it, or see 'secretfs secrets info'",
-                    )
+                check_write(name, self._labels(db, name), label=label, cas=cas)
             sealed = seal(self.master_key, payload, associated_data(name, version))
             db.execute(
                 "INSERT INTO versions (name, version, created, is_map, keys, sizes, key_id, "

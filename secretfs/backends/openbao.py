@@ -78,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from secretfs.backends.base import MetadataUpdate
+from secretfs.backends.base import MetadataUpdate, check_write
 from secretfs.errors import (
     AccessDenied,
     BackendUnavailable,
@@ -632,19 +632,7 @@ class OpenBaoBackend:
                         f"undelete it with 'secretfs secrets undelete {name}', or remove it "
                         f"for good with 'secretfs secrets rm {name} --destroy'",
                     )
-                current = kv.labels.get(Label.CURRENT)
-                if cas is not None and cas != (current or 0):
-                    raise ConflictError(
-                        f"check-and-set failed: current version of {name!r} is {current}, "
-                        f"not {cas}", "read it again and retry with the new version",
-                    )
-                if label is Label.PENDING and (Label.PENDING in kv.labels
-                                               or kv.writing() is not None):
-                    pending = kv.labels.get(Label.PENDING, kv.writing())
-                    raise ConflictError(
-                        f"secret {name!r} already has a pending version ({pending}): "
-                        "a rotation is in progress", "wait for it, or see 'secretfs secrets info'",
-                    )
+                check_write(name, kv.labels, label=label, cas=cas, pending=kv.writing())
                 kv_cas = kv.newest
                 # A pending write is announced, so readers do not take it for an outside write.
                 if label is not Label.CURRENT and not self._write_custom(
