@@ -32,7 +32,7 @@ import httpx
 
 COUNT = 100
 TARGET_COLD = 1.3
-POLL = 10  # seconds: the daemon's metadata poll
+POLL = 30  # seconds: the daemon's metadata poll (the default)
 
 
 def free_port() -> int:
