@@ -112,7 +112,7 @@ async def run_schedule(rotator: Rotator, *, on_change: Callable[[str], None] | N
     while True:
         try:
             results = await trio.to_thread.run_sync(rotator.run_due)
-            wake = await trio.to_thread.run_sync(rotator.next_wakeup)
+            wake = rotator.next_due
         except SecretfsError as error:  # the backend is down, say: try again later
             log.warning("rotation check failed: %s", error)
             results, wake = [], None

@@ -96,6 +96,7 @@ class Rotator:
         self.hook_timeout = hook_timeout
         self.jitter = jitter  # None: schedule.py's default spread
         self.owner = _owner()
+        self.next_due: float | None = None  # set by run_due: the earliest _wakes it saw
 
     @property
     def settings(self) -> RotationSettings:
@@ -111,10 +112,10 @@ class Rotator:
         """Rotate *name* now (or finish what an interrupted rotation left). RotationFailed on
         failure, AccessDenied without the ``rotate`` right."""
         decision = self._allowed(caller, name)
-        recovered = self._recover(name, caller, decision, validator)
+        metadata = self.manager.metadata(name)
+        recovered = self._recover(metadata, caller, decision, validator)
         if recovered is not None:
             return recovered
-        metadata = self.manager.metadata(name)
         return self._run(metadata, caller, decision, validator)
 
     def _allowed(self, caller: Caller | None, name: str) -> Decision:
@@ -263,11 +264,12 @@ class Rotator:
             return False
         return self.clock() - state.updated > LEASE
 
-    def _recover(self, name: str, caller: Caller | None, decision: Decision,
+    def _recover(self, metadata: SecretMetadata, caller: Caller | None, decision: Decision,
                  validator: Validator | None) -> RotationResult | None:
-        """Finish or undo an interrupted rotation of *name*; None if there was none."""
+        """Finish or undo an interrupted rotation of *metadata*'s secret; None if there was
+        none."""
+        name = metadata.name
         state = self.backend.rotation_state(name)
-        metadata = self.manager.metadata(name)
         pending = metadata.labels.get(Label.PENDING)
         old = metadata.current_version
         if state is None:
@@ -304,34 +306,37 @@ class Rotator:
                 ) -> list[RotationResult]:
         """Once over every secret with a rotation policy: finish or undo interrupted rotations,
         rotate what is due, let ``previous`` go where the overlap is over. A failure of one
-        secret is recorded and does not stop the others."""
+        secret is recorded and does not stop the others. Sets ``next_due``, so the scheduler
+        needs no second listing to know when to look again."""
         now = self.clock() if now is None else now
         results: list[RotationResult] = []
+        wakes: list[float] = []
         for metadata in self.backend.list():
             if metadata.rotation is None or not metadata.rotation.enabled:
                 continue
             try:
-                results.extend(self._tend(metadata, now, caller))
+                metadata = self._tend(metadata, now, caller, results)
             except RotationFailed:
                 results.append(RotationResult(metadata.name, "failed",
                                               metadata.current_version, None))
             except ConflictError:
-                continue  # another process is on it
+                pass  # another process is on it
+            wakes.extend(self._wakes(metadata))
+        self.next_due = min(wakes, default=None)
         return results
 
-    def _tend(self, metadata: SecretMetadata, now: float, caller: Caller | None
-              ) -> list[RotationResult]:
+    def _tend(self, metadata: SecretMetadata, now: float, caller: Caller | None,
+              results: list[RotationResult]) -> SecretMetadata:
+        """Do what one secret needs now (appending to *results*); its metadata afterwards."""
         name = metadata.name
-        if metadata.labels.get(Label.PENDING) is not None \
-                or self.backend.rotation_state(name) is not None:
-            decision = self._allowed(caller, name)
-            recovered = self._recover(name, caller, decision, None)
-            return [recovered] if recovered is not None else []
-        results = []
+        if metadata.labels.get(Label.PENDING) is not None:  # an interrupted rotation
+            recovered = self._recover(metadata, caller, self._allowed(caller, name), None)
+            if recovered is not None:
+                results.append(recovered)
+            return self.manager.metadata(name)
         when = due_at(metadata, self.settings, jitter=self.jitter)
         if when is not None and when <= now:
-            decision = self._allowed(caller, name)
-            results.append(self._run(metadata, caller, decision, None))
+            results.append(self._run(metadata, caller, self._allowed(caller, name), None))
             metadata = self.manager.metadata(name)
         expires = previous_expires_at(metadata, self.settings)
         previous = metadata.labels.get(Label.PREVIOUS)
@@ -340,21 +345,20 @@ class Rotator:
                 self.backend.update_labels(
                     name, {Label.PREVIOUS: None},
                     expect={Label.PREVIOUS: previous, Label.CURRENT: metadata.current_version})
-        return results
+                metadata = self.manager.metadata(name)
+        return metadata
+
+    def _wakes(self, metadata: SecretMetadata) -> list[float]:
+        """When *metadata*'s secret next needs attention: its rotation, its ``previous``."""
+        times = (due_at(metadata, self.settings, jitter=self.jitter),
+                 previous_expires_at(metadata, self.settings))
+        return [when for when in times if when is not None]
 
     def next_wakeup(self) -> float | None:
         """The earliest time something is due (a rotation, or a ``previous`` to let go)."""
-        times = []
-        for metadata in self.backend.list():
-            if metadata.rotation is None or not metadata.rotation.enabled:
-                continue
-            for when in (due_at(metadata, self.settings, jitter=self.jitter),
-                         previous_expires_at(metadata, self.settings)
-                         if Label.PREVIOUS in metadata.labels else None):
-                if when is not None:
-                    times.append(when)
-        return min(times, default=None)
-
+        return min((when for metadata in self.backend.list()
+                    if metadata.rotation is not None and metadata.rotation.enabled
+                    for when in self._wakes(metadata)), default=None)
 
 
 __all__ = ["HOOK_TIMEOUT", "LEASE", "RotationResult", "Rotator", "Validator"]
