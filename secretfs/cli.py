@@ -613,13 +613,12 @@ def _signal_number(text: str) -> int:
 
 
 def _duration(text: str) -> float:
-    from secretfs.errors import UsageError
     from secretfs.model import parse_duration
 
     try:
         return parse_duration(text)
-    except UsageError as error:
-        raise argparse.ArgumentTypeError(error.what) from None
+    except ValueError as error:  # what parse_duration raises
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
