@@ -1,12 +1,19 @@
-"""Test helpers: a throw-away embedded store and a way to run the real CLI against it."""
+"""Test helpers: a throw-away embedded store and a way to run the real CLI against it; waiting
+for something to happen; a free port; installing a backend plugin."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SEED_POLICY = """\
 principals:
@@ -94,3 +101,35 @@ def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
     assert "Traceback" not in text
     return text.strip()
 
+
+
+def eventually(check: Callable[[], T], timeout: float = 5.0, interval: float = 0.05) -> T:
+    """Retry *check* until it returns a truthy value or *timeout* seconds are up; its last
+    result (so ``assert eventually(…)`` fails with what was seen last)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (bind port 0, read it, close)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def install_plugin(folder: Path, module: str, source: str, entry_point: str) -> Path:
+    """*source* as module *module* in *folder*, registered as backend *entry_point* the way an
+    installed distribution is (a dist-info with entry_points.txt): put *folder* on PYTHONPATH."""
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[secretfs.backends]\n{entry_point} = {module}:factory\n")
+    return folder

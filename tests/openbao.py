@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import free_port
+
 START_TIMEOUT = 30.0
 
 
@@ -42,12 +44,6 @@ def find_bao() -> str | None:
 
 
 requires_openbao = pytest.mark.skipif(find_bao() is None, reason="no bao binary")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def clean_env() -> dict[str, str]:

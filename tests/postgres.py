@@ -25,7 +25,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 SERVER_USER = "postgres"
 """The system user the server runs as when the tests run as root (made by Debian's package)."""
@@ -74,13 +75,6 @@ def why_unavailable() -> str | None:
 requires_postgres = pytest.mark.skipif(why_unavailable() is not None,
                                        reason=why_unavailable() or "")
 """Mark for tests that need a real server: they skip cleanly when it cannot run here."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def sql_literal(text: str) -> str:

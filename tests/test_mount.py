@@ -15,14 +15,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import Store, make_store
+from tests.helpers import Store, eventually, install_plugin, make_store
 from tests.mounting import (
     Mount,
     as_user,
@@ -52,16 +51,6 @@ def mnt(store: Store):
             yield mount
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def eventually(check, timeout: float = 3.0, interval: float = 0.05):
-    """Retry *check* until it returns a truthy value or the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 # -- the tree ---------------------------------------------------------------------------------
@@ -199,7 +188,7 @@ def test_a_reader_in_other_namespaces_is_identified(store: Store, mnt: Mount,
                               "sh", "-c", script], stdout=subprocess.PIPE)
     try:
         reader = eventually(lambda: [p for p in psutil.Process(child.pid).children(True)
-                                     if p.name() == "sleep"])
+                                     if p.name() == "sleep"], timeout=3.0)
         assert reader, "the reader in the namespace did not start"
         shell = reader[0].parent()  # `sleep` was forked by the shell that opened the file
         stats = mnt.stats()
@@ -312,17 +301,6 @@ def factory(config, *, create=False):
 '''
 
 
-def flaky_plugin(folder: Path) -> Path:
-    """A backend plugin installed the way plugins are: a module plus an entry point."""
-    folder.mkdir()
-    (folder / "flaky_backend.py").write_text(FLAKY_BACKEND)
-    info = folder / "flaky_backend-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-backend\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[secretfs.backends]\nflaky = flaky_backend:factory\n")
-    return folder
-
-
 def test_backend_failure_serves_cached_values_stale_and_recovers(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s")
     cached, uncached = fresh(), fresh()
@@ -336,7 +314,8 @@ def test_backend_failure_serves_cached_values_stale_and_recovers(tmp_path: Path)
         "  cache: { ttl: 0s, max_stale: 1h }\n"
         "  audit: { path: audit.log }\n"
     )
-    env = store.env(PYTHONPATH=str(flaky_plugin(tmp_path / "plugins")))
+    plugins = install_plugin(tmp_path / "plugins", "flaky_backend", FLAKY_BACKEND, "flaky")
+    env = store.env(PYTHONPATH=str(plugins))
     with mounted(store, tmp_path / "mnt", env=env) as mount:
         cached_file = mount.path / "cached/latest/value"
         assert cached_file.read_text() == cached
@@ -403,14 +382,14 @@ def test_sighup_with_a_bad_config_keeps_serving(store: Store, mnt: Mount) -> Non
     store.config.write_text(good + "  cache: { ttl: never }\n")
     try:
         mnt.process.send_signal(signal.SIGHUP)
-        assert eventually(lambda: "config reload rejected" in mnt.log_text())
+        assert eventually(lambda: "config reload rejected" in mnt.log_text(), timeout=3.0)
         assert "ttl" in mnt.log_text()
         assert (mnt.path / "db/latest/value").read_text() == value
         assert mnt.process.poll() is None
     finally:
         store.config.write_text(good)
     mnt.process.send_signal(signal.SIGHUP)
-    assert eventually(lambda: "configuration reloaded" in mnt.log_text())
+    assert eventually(lambda: "configuration reloaded" in mnt.log_text(), timeout=3.0)
 
 
 def test_mount_daemonizes_and_umount_stops_it(store: Store, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_store
+from tests.helpers import install_plugin, make_store
 from tests.mounting import mounted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -50,16 +50,6 @@ def factory(config, *, create=False):
 '''
 
 
-def silent_plugin(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "silent_backend.py").write_text(SILENT_BACKEND)
-    info = folder / "silent_backend-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: silent-backend\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[secretfs.backends]\nsilent = silent_backend:factory\n")
-    return folder
-
-
 def test_writes_made_elsewhere_appear_within_the_poll_interval(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s")
     first, second = os.urandom(8).hex(), os.urandom(8).hex()
@@ -72,8 +62,8 @@ def test_writes_made_elsewhere_appear_within_the_poll_interval(tmp_path: Path) -
         f"  audit: {{ path: {store.root / 'audit.log'} }}\n"
         "  cache: { ttl: 1h, poll_interval: 1s }\n"
     )
-    env = store.env(PYTHONPATH=str(silent_plugin(tmp_path / "plugins")),
-                    SECRETFS_CONFIG=str(daemon_config))
+    plugins = install_plugin(tmp_path / "plugins", "silent_backend", SILENT_BACKEND, "silent")
+    env = store.env(PYTHONPATH=str(plugins), SECRETFS_CONFIG=str(daemon_config))
     folder = Path(tempfile.mkdtemp(prefix="secretfs-test-"))
     try:
         with mounted(store, folder / "mnt", env=env) as mount:

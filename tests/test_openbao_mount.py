@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Store, make_store, one_line_error
+from tests.helpers import Store, eventually, make_store, one_line_error
 from tests.mounting import mounted
 from tests.openbao import OpenBaoServer, running_openbao
 
@@ -49,15 +49,6 @@ def openbao_store(root: Path, bao: OpenBaoServer, *, poll: str = "1s", ttl: str 
     return store
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 def read(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -84,7 +75,7 @@ def test_bao_writes_show_through_the_mount_and_an_outage_is_ridden_out(
         target = mount.path / "db/latest/password"
         assert read(target) == first
         bao.bao("kv", "put", "secret/db", f"password={second}")  # written elsewhere
-        assert wait_until(lambda: read(target) == second, timeout=5), "not seen within the poll"
+        assert eventually(lambda: read(target) == second, timeout=5), "not seen within the poll"
         bao.stop()  # the outage
         time.sleep(1.5)  # past the ttl: only the backend could say it is still current
         assert read(target) == second  # cached: still served, marked stale
@@ -96,7 +87,7 @@ def test_bao_writes_show_through_the_mount_and_an_outage_is_ridden_out(
         assert cold.value.errno in (errno.EIO, errno.ENOENT)
         bao.start()  # back (a dev server comes back empty: write again)
         bao.bao("kv", "put", "secret/db", f"password={first}")
-        assert wait_until(lambda: read(target) == first, timeout=90), "no recovery"
+        assert eventually(lambda: read(target) == first, timeout=90), "no recovery"
         assert mount.process.poll() is None  # the same daemon: no remount
 
 
@@ -109,9 +100,9 @@ def test_two_daemons_on_one_openbao_see_each_others_rotation_and_rotate_once(
         before = read(b.path / "db/latest/value")
         one.cli("secrets", "rotate", "db", check=True)
         now = read(a.path / "db/latest/value")
-        assert wait_until(lambda: read(b.path / "db/latest/value") != before)
-        assert wait_until(lambda: read(b.path / "db/latest/value") == read(
-            a.path / "db/latest/value"))
+        assert eventually(lambda: read(b.path / "db/latest/value") != before, timeout=10.0)
+        assert eventually(lambda: read(b.path / "db/latest/value") == read(
+            a.path / "db/latest/value"), timeout=10.0)
         assert now is not None
     # both hosts find it due at once: one new KV version
     one.put("api", secrets.token_hex(8), "--rotate-every", "1s", "--set-cmd",

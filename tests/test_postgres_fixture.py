@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Store, make_store
+from tests.helpers import Store, free_port, make_store
 from tests.postgres import (
     PostgresServer,
     client_env,
@@ -212,12 +212,6 @@ def test_validate_login_failures_are_one_clean_line(pg: PostgresServer, role: st
     # a PGPASSWORD or passfile in the caller's environment is not tried instead
     env = {**validate_env(pg, role), "PGPASSWORD": password}
     assert hook(VALIDATE, new_password(), env).returncode != 0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- the password never reaches a command line -------------------------------------------------

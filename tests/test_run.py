@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Store, make_store, one_line_error
+from tests.helpers import Store, eventually, make_store, one_line_error
 from tests.mounting import Mount, mounted
 
 CONCEALED = b"<concealed by secretfs>"
@@ -48,15 +48,6 @@ def run(store: Store, *args: str, env: dict[str, str] | None = None,
     return store.cli("run", *args, env=env or store.env(), **kwargs)
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 # -- resolving ------------------------------------------------------------------------------------
 
 
@@ -85,7 +76,7 @@ def test_a_reference_reaches_the_child_through_a_mount(store: Store, mount: Moun
         return any(r["event"] == "read" and r["resource"] == "db" and r["caller"]["exe"]
                    for r in map(json.loads, lines) if r["caller"]["pid"] != os.getpid())
 
-    assert wait_for(audited)
+    assert eventually(audited)
 
 
 def test_env_files_and_templates(store: Store, tmp_path: Path) -> None:
@@ -133,7 +124,7 @@ def test_a_denied_reader_through_the_mount_gets_4_and_the_child_never_runs(
     assert done.returncode == 4, done.stderr
     assert "DB (--env)" in one_line_error(done) and "access denied" in one_line_error(done)
     assert not marker.exists()
-    assert wait_for(lambda: any(
+    assert eventually(lambda: any(
         json.loads(line)["event"] == "denied" and json.loads(line)["caller"]["uid"] == 4242
         for line in (store.root / "audit.log").read_text().splitlines()))
 
@@ -206,7 +197,7 @@ def test_sigterm_to_the_supervisor_reaches_the_child(store: Store, tmp_path: Pat
                          "while :; do sleep 0.1; done"],
             env=store.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            assert wait_for(lambda: Path(f"{marker}.up").exists())
+            assert eventually(lambda: Path(f"{marker}.up").exists())
             child.send_signal(signal.SIGTERM)
             assert child.wait(timeout=10) == 0
             assert marker.exists()
@@ -233,13 +224,13 @@ def test_watch_restarts_the_child_with_the_new_value_and_not_for_the_same_value(
     child = _watched(store, out, "--env", "X=secretfs://w", "--", "sh", "-c",
                      f'echo "$X" >> {out}; trap "exit 0" TERM; while :; do sleep 0.1; done')
     try:
-        assert wait_for(lambda: out.exists() and out.read_text() == f"{first}\n")
+        assert eventually(lambda: out.exists() and out.read_text() == f"{first}\n")
         store.put("w", first)  # a new version, the same content: nothing happens
         time.sleep(1.5)
         assert out.read_text() == f"{first}\n"
         started = time.monotonic()
         store.put("w", second)
-        assert wait_for(lambda: out.read_text() == f"{first}\n{second}\n", timeout=5)
+        assert eventually(lambda: out.read_text() == f"{first}\n{second}\n", timeout=5)
         assert time.monotonic() - started < 2.5
     finally:
         child.send_signal(signal.SIGTERM)
@@ -258,12 +249,12 @@ def test_watch_with_a_reload_signal_keeps_the_child_and_its_file_reads_the_new_v
                      f'echo $$ > {out}.pid; cat "$X_FILE" >> {out}; echo >> {out}; '
                      "while :; do sleep 0.1; done")
     try:
-        assert wait_for(lambda: out.exists() and out.read_text() == f"{first}\n"), \
+        assert eventually(lambda: out.exists() and out.read_text() == f"{first}\n"), \
             (out.exists() and out.read_text(), child.poll(), child.poll() is not None
              and child.stderr.read())
         pid = Path(f"{out}.pid").read_text()
         store.put("w", second)
-        assert wait_for(lambda: out.read_text() == f"{first}\n{second}\n", timeout=5)
+        assert eventually(lambda: out.read_text() == f"{first}\n{second}\n", timeout=5)
         assert Path(f"{out}.pid").read_text() == pid  # signalled, not restarted
     finally:
         child.send_signal(signal.SIGTERM)
@@ -349,9 +340,9 @@ def test_watch_restarts_the_child_after_a_rotation(store: Store, tmp_path: Path)
     child = _watched(store, out, "--env", "X=secretfs://w", "--", "sh", "-c",
                      f'echo "$X" >> {out}; trap "exit 0" TERM; while :; do sleep 0.1; done')
     try:
-        assert wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 1)
+        assert eventually(lambda: out.exists() and len(out.read_text().splitlines()) == 1)
         store.cli("secrets", "rotate", "w", check=True)
-        assert wait_for(lambda: len(out.read_text().splitlines()) == 2, timeout=5)
+        assert eventually(lambda: len(out.read_text().splitlines()) == 2, timeout=5)
         assert out.read_text().splitlines()[1].encode() == store.get("w")
     finally:
         child.send_signal(signal.SIGTERM)

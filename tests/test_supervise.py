@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from injector.supervise import CONCEALED, Launch, Masker, Supervisor
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,15 +69,6 @@ LOOP = "ulimit -c 0; while :; do sleep 0.1; done"  # (SIGQUIT must not leave cor
 
 def python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def dead(pid: int) -> bool:
@@ -216,7 +208,7 @@ def test_sigterm_to_the_supervisor_reaches_the_child(procs: Processes, tmp_path:
     marker, up = tmp_path / "got", tmp_path / "up"
     script = f'trap "echo got > {marker}; exit 0" TERM; touch {up}; {LOOP}'
     supervisor = procs.supervise(["sh", "-c", script])
-    assert wait_for(up.exists)
+    assert eventually(up.exists)
     supervisor.send_signal(signal.SIGTERM)
     assert finish(supervisor)[0] == 0
     assert marker.read_text() == "got\n"
@@ -226,7 +218,7 @@ def test_sigterm_in_plain_mode_reaches_the_command(procs: Processes, tmp_path: P
     marker, up = tmp_path / "got", tmp_path / "up"
     script = f'trap "echo got > {marker}; exit 0" TERM; touch {up}; {LOOP}'
     process = procs.plain(["sh", "-c", script])
-    assert wait_for(up.exists)
+    assert eventually(up.exists)
     process.send_signal(signal.SIGTERM)
     assert finish(process)[0] == 0
     assert marker.read_text() == "got\n"
@@ -240,12 +232,12 @@ def test_every_forwarded_signal_reaches_the_childs_group(procs: Processes, tmp_p
     script = (f'{traps}; trap "echo TERM >> {marker}; exit 0" TERM; '
               f'echo $$ $(cut -d" " -f5 /proc/$$/stat) > {pgrp}; {LOOP}')
     supervisor = procs.supervise(["sh", "-c", script])
-    assert wait_for(pgrp.exists)
+    assert eventually(pgrp.exists)
     child, group = map(int, pgrp.read_text().split())
     assert group == child and group != os.getpgid(supervisor.pid)  # it leads its own group
     for name in [*names, "TERM"]:
         supervisor.send_signal(getattr(signal, f"SIG{name}"))
-        assert wait_for(lambda name=name: name in lines(marker)), name
+        assert eventually(lambda name=name: name in lines(marker)), name
     assert finish(supervisor)[0] == 0
     assert lines(marker) == [*names, "TERM"]  # each exactly once
 
@@ -253,12 +245,12 @@ def test_every_forwarded_signal_reaches_the_childs_group(procs: Processes, tmp_p
 def test_killing_the_supervisor_kills_the_child(procs: Processes) -> None:
     pid_file = procs.pid_file("child.pid")
     supervisor = procs.supervise(["sh", "-c", f"echo $$ > {pid_file}; {LOOP}"])
-    assert wait_for(lambda: bool(lines(pid_file)))
+    assert eventually(lambda: bool(lines(pid_file)))
     child = int(lines(pid_file)[0])
     assert not dead(child)
     supervisor.kill()  # SIGKILL: no cleanup code runs; only the kernel can act
     finish(supervisor)
-    assert wait_for(lambda: dead(child), timeout=2)
+    assert eventually(lambda: dead(child), timeout=2)
 
 
 def test_stdin_is_passed_through(procs: Processes, tmp_path: Path) -> None:
@@ -279,7 +271,7 @@ def test_an_interactive_child_gets_the_terminal_and_gives_it_back(
             tmp_path / "foreground"), stdin=slave, stdout=slave, start_new_session=True)
         os.write(master, b"hello\n")
         # A background group reading its terminal would be stopped by SIGTTIN: no "read" file.
-        assert wait_for(lambda: lines(tmp_path / "read") == ["got:hello"])
+        assert eventually(lambda: lines(tmp_path / "read") == ["got:hello"])
         assert finish(supervisor)[0] == 0
         assert lines(tmp_path / "stdout") == ["tty"]  # a terminal is inherited, not piped
         assert (tmp_path / "foreground").read_text() == "True"  # and taken back at the end
@@ -361,11 +353,11 @@ def test_watch_restarts_the_child_with_the_new_environment(
     supervisor = procs.supervise(["sh", "-c", script], env={"X": "old"}, watch="once",
                                  when=str(out), new_env={"X": "new"}, new_secrets=["new-value"],
                                  polls=str(tmp_path / "polls"))
-    assert wait_for(lambda: len(lines(out)) == 2)
+    assert eventually(lambda: len(lines(out)) == 2)
     (first, old), (second, new) = (line.split() for line in lines(out))
     assert (old, new) == ("old", "new") and first != second
-    assert wait_for(lambda: dead(int(first)))
-    assert wait_for(lambda: len(lines(tmp_path / "polls")) >= 5)  # still watching
+    assert eventually(lambda: dead(int(first)))
+    assert eventually(lambda: len(lines(tmp_path / "polls")) >= 5)  # still watching
     assert len(lines(out)) == 2 and supervisor.poll() is None
     supervisor.send_signal(signal.SIGTERM)
     assert finish(supervisor)[0] == 0
@@ -379,7 +371,7 @@ def test_a_restart_kills_a_child_that_ignores_sigterm_after_the_grace(
     supervisor = procs.supervise(["sh", "-c", script], env={"X": "old"}, watch="once",
                                  when=str(out), new_env={"X": "new"}, new_secrets=[],
                                  polls=str(tmp_path / "polls"), grace=0.5)
-    assert wait_for(lambda: len(lines(out)) == 2)
+    assert eventually(lambda: len(lines(out)) == 2)
     assert time.monotonic() - started >= 0.5  # not before the grace period
     assert [line.split()[1] for line in lines(out)] == ["old", "new"]
     supervisor.send_signal(signal.SIGINT)
@@ -392,7 +384,7 @@ def test_a_stop_signal_during_a_restart_cancels_it(procs: Processes, tmp_path: P
     supervisor = procs.supervise(["sh", "-c", script], env={"X": "old"}, watch="once",
                                  when=str(out), new_env={"X": "new"}, new_secrets=[],
                                  polls=str(polls), grace=3.0)
-    assert wait_for(lambda: "fired" in lines(polls))
+    assert eventually(lambda: "fired" in lines(polls))
     supervisor.send_signal(signal.SIGINT)  # the user wants it stopped, not restarted
     assert finish(supervisor)[0] == 128 + signal.SIGINT
     assert [line.split()[1] for line in lines(out)] == ["old"]
@@ -407,7 +399,7 @@ def test_watch_with_a_reload_signal_signals_instead_and_masks_the_new_value(
     supervisor = procs.supervise(["sh", "-c", script], watch="once", when=str(pids),
                                  new_env={}, new_secrets=["rotated-secret-2"],
                                  polls=str(tmp_path / "polls"), reload_signal=signal.SIGHUP)
-    assert wait_for(lambda: lines(marker) == ["hup"])
+    assert eventually(lambda: lines(marker) == ["hup"])
     assert len(lines(pids)) == 1  # the same child: not restarted
     supervisor.send_signal(signal.SIGTERM)
     code, out, _ = finish(supervisor)
@@ -418,7 +410,7 @@ def test_a_watch_that_sees_no_change_does_nothing(procs: Processes, tmp_path: Pa
     pids, polls = procs.pid_file("pids"), tmp_path / "polls"
     supervisor = procs.supervise(["sh", "-c", f'trap "exit 0" TERM; echo $$ >> {pids}; {LOOP}'],
                                  watch="none", polls=str(polls))
-    assert wait_for(lambda: len(lines(polls)) >= 5)
+    assert eventually(lambda: len(lines(polls)) >= 5)
     assert len(lines(pids)) == 1 and supervisor.poll() is None
     supervisor.send_signal(signal.SIGTERM)
     assert finish(supervisor)[0] == 0
@@ -429,7 +421,7 @@ def test_a_failing_watch_is_reported_once_and_the_child_keeps_running(
     pids, polls = procs.pid_file("pids"), tmp_path / "polls"
     supervisor = procs.supervise(["sh", "-c", f'trap "exit 0" TERM; echo $$ >> {pids}; {LOOP}'],
                                  watch="error", polls=str(polls))
-    assert wait_for(lambda: len(lines(polls)) >= 5)
+    assert eventually(lambda: len(lines(polls)) >= 5)
     assert len(lines(pids)) == 1 and supervisor.poll() is None
     supervisor.send_signal(signal.SIGTERM)
     code, _, err = finish(supervisor)
