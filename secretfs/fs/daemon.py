@@ -243,19 +243,17 @@ async def _follow_changes(filesystem: Any) -> None:
     """Read the backend's change feed and invalidate what changed, here and in the kernel."""
     import trio
 
-    failing = False
+    from secretfs.fs.operations import Backoff
+
+    outage = Backoff()  # for its once-per-outage log lines; the feed keeps its own pace
     while True:
         await trio.sleep(CHANGE_POLL_INTERVAL)
         try:
             await filesystem.catch_up()
         except SecretfsError as error:
-            if not failing:  # once per outage, not once per poll
-                log.warning("cannot read the backend's changes: %s", error)
-            failing = True
+            outage.failed(error)
             continue
-        if failing:
-            log.info("backend changes readable again")
-            failing = False
+        outage.succeeded()
 
 
 async def _handle_signals(filesystem: Any, config_source: str | None) -> None:

@@ -527,7 +527,7 @@ class Backoff:
 
     def failed(self, error: Exception) -> None:
         if not self.down:
-            log.warning("backend unavailable, retrying with backoff: %s", error)
+            log.warning("backend unavailable: %s", error)
             self.down = True
 
     def delay(self) -> float:
