@@ -105,6 +105,16 @@ def _failure(error: OSError, ref: SecretRef, where: Path) -> SecretfsError:
     return SecretfsError(f"{what}: {error.strerror or error}")
 
 
+def _stat(path: Path) -> tuple[int, ...]:
+    """What changes when a file under the mount becomes another version: inode, size, mtime
+    (or ``(-1, errno)`` when it cannot be seen)."""
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        return (-1, error.errno or 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class MountSource:
     """Values read as files under a live mount: ``<mount>/<name>/<version>/<key>``."""
 
@@ -127,12 +137,12 @@ class MountSource:
             raise _failure(error, ref, self.mount) from None
 
     def read(self, ref: SecretRef) -> bytes:
-        if ref.key is not None:
-            return self._read_file(self.path(ref), ref)
         try:
             return self._read_file(self.path(ref), ref)
         except SecretNotFound:
-            pass  # not a single value: a map, read as JSON like the store gives it
+            if ref.key is not None:
+                raise
+        # no single value: a map, read as JSON like the store gives it
         keys = self._keys(ref)
         return encode_value({key: self._read_file(self.folder(ref) / key, ref)
                              .decode("utf-8", "surrogateescape") for key in keys})
@@ -147,21 +157,14 @@ class MountSource:
         """The inode, size and change time of the file(s): a label's file is its version's
         file, so a new version is a new inode (docs/filesystem.md). stat is not an open: it is
         neither checked nor audited, so watching costs the daemon no audit lines."""
-        found: list[tuple[int, ...]] = []
-        try:
-            paths = [self.path(ref)]
-            if ref.key is None and not paths[0].exists():  # a map: each of its keys
-                paths = [self.folder(ref) / key for key in self._keys(ref)]
+        single = _stat(self.path(ref))
+        if ref.key is not None or single != (-1, errno.ENOENT):
+            return (single,)
+        try:  # no single value: a map, each of its keys
+            keys = self._keys(ref)
         except SecretfsError:
             return ("missing",)
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError as error:
-                found.append((-1, error.errno))
-                continue
-            found.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(found)
+        return tuple(_stat(self.folder(ref) / key) for key in keys)
 
     def close(self) -> None:
         return None
