@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from read import secretfs_daemon
 
 COUNT = 100
 TARGET_COLD = 1.3
@@ -71,7 +72,6 @@ def main() -> None:
         raise SystemExit("benchmarks/backends.py mounts a filesystem: run it as root")
     folder = Path(tempfile.mkdtemp(prefix="secretfs-bench-backends-"))
     server, address, token = start_bao(folder)
-    daemon = None
     mount = folder / "mnt"
     try:
         client = httpx.Client(base_url=address, headers={"X-Vault-Token": token})
@@ -92,73 +92,60 @@ def main() -> None:
         env = {**os.environ, "SECRETFS_CONFIG": str(config)}
         subprocess.run([sys.executable, "-m", "secretfs", "init"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
-        mount.mkdir()
-        daemon = subprocess.Popen([sys.executable, "-m", "secretfs", "mount", str(mount),
-                                   "--foreground"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (mount / ".secretfs").exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the mount did not come up")
-            time.sleep(0.1)
+        with secretfs_daemon(mount, env, mount / ".secretfs"):
+            # first reads right after the mount came up: neither metadata nor value known yet
+            direct, first, cold, warm = [], [], [], []
+            half = COUNT // 2
+            for i in range(half):
+                start = time.perf_counter()
+                client.get(f"/v1/secret/data/s{i:03d}").raise_for_status()
+                direct.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                (mount / f"s{i:03d}" / "latest" / "value").read_bytes()
+                first.append(time.perf_counter() - start)
+            # steady state: the poller has read every listed secret's metadata; values not cached
+            time.sleep(2 * POLL + 1)
+            for i in range(half, COUNT):
+                start = time.perf_counter()
+                client.get(f"/v1/secret/data/s{i:03d}").raise_for_status()
+                direct.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                (mount / f"s{i:03d}" / "latest" / "value").read_bytes()
+                cold.append(time.perf_counter() - start)
+            for i in range(COUNT):
+                path = mount / f"s{i:03d}" / "latest" / "value"
+                start = time.perf_counter()
+                path.read_bytes()
+                warm.append(time.perf_counter() - start)
 
-        # first reads right after the mount came up: neither metadata nor value known yet
-        direct, first, cold, warm = [], [], [], []
-        half = COUNT // 2
-        for i in range(half):
-            start = time.perf_counter()
-            client.get(f"/v1/secret/data/s{i:03d}").raise_for_status()
-            direct.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            (mount / f"s{i:03d}" / "latest" / "value").read_bytes()
-            first.append(time.perf_counter() - start)
-        # steady state: the poller has read every listed secret's metadata; values not cached
-        time.sleep(2 * POLL + 1)
-        for i in range(half, COUNT):
-            start = time.perf_counter()
-            client.get(f"/v1/secret/data/s{i:03d}").raise_for_status()
-            direct.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            (mount / f"s{i:03d}" / "latest" / "value").read_bytes()
-            cold.append(time.perf_counter() - start)
-        for i in range(COUNT):
-            path = mount / f"s{i:03d}" / "latest" / "value"
-            start = time.perf_counter()
-            path.read_bytes()
-            warm.append(time.perf_counter() - start)
+            target = mount / f"s{COUNT:03d}" / "latest" / "value"
+            (mount / f"s{COUNT:03d}").exists()  # the name is known; its value is not cached
+            before = stats(mount)["backend_reads"]
+            barrier = threading.Barrier(64)
 
-        target = mount / f"s{COUNT:03d}" / "latest" / "value"
-        (mount / f"s{COUNT:03d}").exists()  # the name is known; its value is not cached
-        before = stats(mount)["backend_reads"]
-        barrier = threading.Barrier(64)
+            def reader() -> None:
+                barrier.wait()
+                target.read_bytes()
 
-        def reader() -> None:
-            barrier.wait()
-            target.read_bytes()
+            threads = [threading.Thread(target=reader) for _ in range(64)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            reads = stats(mount)["backend_reads"] - before
 
-        threads = [threading.Thread(target=reader) for _ in range(64)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        reads = stats(mount)["backend_reads"] - before
-
-        d, f, c, w = (statistics.median(x) * 1e6 for x in (direct, first, cold, warm))
-        print(f"OpenBao behind the mount, {COUNT} secrets (medians, µs: direct {d:.0f}, "
-              f"first {f:.0f}, cold {c:.0f}, warm {w:.0f})")
-        verdict = "met" if c / d <= TARGET_COLD else "MISSED"
-        print(f"  cold read / direct httpx GET   {c / d:5.2f}×  target ≤ {TARGET_COLD}×  "
-              f"{verdict}  (value not cached; metadata kept by the poller)")
-        print(f"  first read / direct httpx GET  {f / d:5.2f}×  (nothing known yet: metadata, "
-              "the version's shape and the value)")
-        print(f"  warm read / cold read          {w / c:5.2f}×  (the cache's worth)")
-        print(f"  64 concurrent cold readers     {reads} backend value read(s)  target 1  "
-              f"{'met' if reads == 1 else 'MISSED'}")
+            d, f, c, w = (statistics.median(x) * 1e6 for x in (direct, first, cold, warm))
+            print(f"OpenBao behind the mount, {COUNT} secrets (medians, µs: direct {d:.0f}, "
+                  f"first {f:.0f}, cold {c:.0f}, warm {w:.0f})")
+            verdict = "met" if c / d <= TARGET_COLD else "MISSED"
+            print(f"  cold read / direct httpx GET   {c / d:5.2f}×  target ≤ {TARGET_COLD}×  "
+                  f"{verdict}  (value not cached; metadata kept by the poller)")
+            print(f"  first read / direct httpx GET  {f / d:5.2f}×  (nothing known yet: metadata, "
+                  "the version's shape and the value)")
+            print(f"  warm read / cold read          {w / c:5.2f}×  (the cache's worth)")
+            print(f"  64 concurrent cold readers     {reads} backend value read(s)  target 1  "
+                  f"{'met' if reads == 1 else 'MISSED'}")
     finally:
-        if daemon is not None:
-            daemon.terminate()
-            daemon.wait(timeout=30)
-        subprocess.run(["fusermount3", "-uz", str(mount)], capture_output=True)
         server.kill()
         server.wait()
         shutil.rmtree(folder, ignore_errors=True)

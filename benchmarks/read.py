@@ -338,6 +338,21 @@ def mounted(label: str, argv: list[str], mountpoint: Path, log: Path,
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
+@contextmanager
+def secretfs_daemon(mountpoint: Path, env: dict[str, str], ready: Path) -> Iterator[Mounted]:
+    """`secretfs mount --foreground` at *mountpoint* for the block, from the moment *ready*
+    (a path under it) exists; the other benchmarks use it too."""
+    argv = [sys.executable, "-m", "secretfs", "mount", str(mountpoint), "--foreground"]
+    log = mountpoint.with_name(mountpoint.name + ".log")
+    with mounted("secretfs", argv, mountpoint, log, env) as mount:
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not ready.exists():
+            if mount.process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"secretfs did not come up at {mountpoint}: {tail(log)}")
+            time.sleep(0.05)
+        yield mount
+
+
 def _stop_with_parent() -> None:
     """In the daemon before exec: SIGTERM it if this benchmark dies without its cleanup (e.g.
     SIGKILL), so that it unmounts itself instead of leaving a mount behind."""

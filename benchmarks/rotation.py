@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from read import secretfs_daemon
 
 COUNT = 1000
 MONTH = 30 * 86400
@@ -91,28 +91,14 @@ def during_batch() -> tuple[float, float]:
         root = Path(folder)
         config = build(root)
         mountpoint = root / "mnt"
-        mountpoint.mkdir()
         env = {**os.environ, "SECRETFS_CONFIG": str(config)}
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "secretfs", "mount", str(mountpoint), "--foreground"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        try:
-            target = mountpoint / "app0/s0000/current/value"
-            deadline = time.monotonic() + 30
-            while not target.exists():
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the mount did not come up")
-                time.sleep(0.02)
+        target = mountpoint / "app0/s0000/current/value"
+        with secretfs_daemon(mountpoint, env, target):
             started = time.monotonic()
             busy, busy_n = read_p50(target, 60, until=lambda: rotated(root / "store.db") >= COUNT)
             batch = time.monotonic() - started
             idle, idle_n = read_p50(target, 2)
             print(f"  (reads: {busy_n} during the batch of {batch:.1f} s, {idle_n} idle)")
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=30)
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
     return busy, idle
 
 

@@ -21,38 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cli as cli_bench  # benchmarks/cli.py: time_once, heavy_imports
+from read import secretfs_daemon
 
 HEAVY = ("trio", "pyfuse3", "cryptography", "keyring")
 TARGETS = {"run via mount": 3.0, "run via store": 5.0}
-
-
-@contextmanager
-def mounted(config: Path, mountpoint: Path, env: dict[str, str]) -> Iterator[None]:
-    mountpoint.mkdir()
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "secretfs", "mount", str(mountpoint), "--foreground"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not (mountpoint / "x" / "current" / "value").exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the mount at {mountpoint} did not come up")
-            time.sleep(0.1)
-        yield
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
 def main() -> None:
@@ -82,7 +57,7 @@ def main() -> None:
                        input=secrets.token_hex(16).encode(), check=True,
                        stdout=subprocess.DEVNULL)
         mountpoint = folder / "mnt"
-        with mounted(config, mountpoint, env):
+        with secretfs_daemon(mountpoint, env, mountpoint / "x" / "current" / "value"):
             script = [python, "-m", "secretfs", "run", "--env", "X=secretfs://x"]
             via_mount = [*script, "--mount", str(mountpoint)]
             commands = {
