@@ -85,6 +85,8 @@ class ValueCache(Protocol):
 
     def peek(self, name: str, key: str) -> Cached[Any] | None: ...
 
+    def wants(self, name: str, key: str) -> bool: ...
+
 
 class NoCache:
     """Caching off: every read goes to the backend (one-shot commands, ``enabled: false``)."""
@@ -102,6 +104,9 @@ class NoCache:
 
     def peek(self, name: str, key: str) -> Cached[Any] | None:
         return None
+
+    def wants(self, name: str, key: str) -> bool:
+        return False  # nothing loaded ahead would be kept
 
     def __repr__(self) -> str:
         return "NoCache()"
@@ -207,6 +212,14 @@ class TtlCache:
         if age > self.ttl + self.max_stale:
             return None
         return entry if age <= self.ttl else Cached(entry.value, True, entry.loaded_at)
+
+    def wants(self, name: str, key: str) -> bool:
+        """Whether a load of ``(name, key)`` started now would be of use: no fresh entry, and
+        none being loaded (for a read-ahead, which must not cost a request a hit would save)."""
+        if key in self._flights.get(name, ()):
+            return False
+        entry = self._entries.get((name, key))
+        return entry is None or self.ttl == 0 or self._clock() - entry.loaded_at > self.ttl
 
     def names(self) -> set[str]:
         """Names with at least one entry: the ones a change poller needs to watch."""

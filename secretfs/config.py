@@ -117,6 +117,7 @@ class CacheConfig:
     max_size: int = 1000
     max_stale: float = 3600.0  # serve a stale value this long while the backend is down
     poll_interval: float = 30.0  # how often a remote backend's metadata is checked
+    read_ahead: bool = True  # a lookup inside a secret starts loading the value it leads to
 
 
 @dataclass(frozen=True, slots=True)
@@ -882,6 +883,7 @@ _MANAGER: Mapping[str, Convert] = {
     "cache": _section(CacheConfig, {
         "enabled": _flag, "ttl": _duration(), "max_size": _count(1),
         "max_stale": _duration(), "poll_interval": _duration(positive=True),
+        "read_ahead": _flag,
     }),
     "rotation": _rotation,
     "audit": _section(AuditConfig, {

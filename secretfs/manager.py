@@ -15,6 +15,7 @@ Two faces over one implementation:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from secretfs.access import ALLOW_ALL, AccessControl, Caller, Decision
 from secretfs.audit import NO_AUDIT, AuditSink
 from secretfs.backends.base import Backend, MetadataUpdate
-from secretfs.errors import AccessDenied, SecretNotFound, VersionNotFound
+from secretfs.errors import AccessDenied, SecretfsError, SecretNotFound, VersionNotFound
 from secretfs.model import (
     SINGLE_VALUE_KEY,
     Label,
@@ -367,6 +368,18 @@ class SecretsManager:
     async def _version_value(self, name: str, version: int) -> Cached[Value]:
         return await self.cache.get_or_load(
             name, f"v{version}", partial(self._load_value, name, version))
+
+    def wants_value(self, name: str, version: int) -> bool:
+        """Whether reading this version ahead would fill the cache (it is neither cached fresh
+        nor being loaded, and there is a cache to keep it)."""
+        return self.cache.wants(name, f"v{version}")
+
+    async def read_ahead(self, name: str, version: int) -> None:
+        """Load a version's value into the cache and hand it to no one: the mount calls this
+        when a lookup makes an open of it likely. Nothing is disclosed, so nothing is audited;
+        a failure is left for the open that follows to meet (and report)."""
+        with contextlib.suppress(SecretfsError):
+            await self._version_value(name, version)
 
     async def snapshot(self, ref: SecretRef, *, caller: Caller | None = None) -> Snapshot:
         """The bytes of one key for one open, checked ('read') and audited.

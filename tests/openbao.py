@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -54,11 +55,14 @@ def clean_env() -> dict[str, str]:
 class OpenBaoServer:
     """One dev server; the root token is random per server and never printed."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, *, tls: bool = False) -> None:
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
-        self.address = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.address = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        # with tls: the dev server's own CA (it writes it, with its certificate, at start)
+        self.ca_file: Path | None = workdir / "tls" / "vault-ca.pem" if tls else None
         self.root_token = "root-" + secrets.token_hex(12)
         self._process: subprocess.Popen[bytes] | None = None
         self._log = workdir / "server.log"
@@ -70,9 +74,13 @@ class OpenBaoServer:
         if self._process is not None:
             return
         with self._log.open("ab") as log:
+            tls = []
+            if self.tls:
+                (self.workdir / "tls").mkdir(exist_ok=True)
+                tls = ["-dev-tls", f"-dev-tls-cert-dir={self.workdir / 'tls'}"]
             self._process = subprocess.Popen(
                 [self.binary, "server", "-dev", f"-dev-root-token-id={self.root_token}",
-                 f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token"],
+                 f"-dev-listen-address=127.0.0.1:{self.port}", "-dev-no-store-token", *tls],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**clean_env(), "HOME": str(self.workdir)}, cwd=self.workdir,
             )
@@ -81,12 +89,13 @@ class OpenBaoServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"bao server exited early; see {self._log}")
             try:
-                response = httpx.get(f"{self.address}/v1/sys/health", timeout=1)
+                response = httpx.get(f"{self.address}/v1/sys/health", timeout=1,
+                                     verify=self.verify)
                 # The dev server mounts KV v2 at secret/ just after it turns healthy.
                 if response.status_code == 200 and self.api(
                         "GET", "sys/mounts/secret", check=False).status_code == 200:
                     return
-            except httpx.TransportError:
+            except (httpx.TransportError, OSError):  # OSError: the CA file is not written yet
                 pass
             time.sleep(0.1)
         self.stop()
@@ -116,12 +125,16 @@ class OpenBaoServer:
 
     # -- helpers -------------------------------------------------------------------------------
 
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+
     def api(self, method: str, path: str, json: Mapping[str, Any] | None = None, *,
             token: str | None = None, check: bool = True) -> httpx.Response:
         """One HTTP API call as root (``path`` without ``/v1/``)."""
         response = httpx.request(
             method, f"{self.address}/v1/{path.lstrip('/')}", json=json,
-            headers={"X-Vault-Token": token or self.root_token}, timeout=10,
+            headers={"X-Vault-Token": token or self.root_token}, timeout=10, verify=self.verify,
         )
         if check and response.status_code >= 400:
             raise RuntimeError(f"{method} {path}: HTTP {response.status_code}")
@@ -131,6 +144,8 @@ class OpenBaoServer:
         """Run the CLI against this server as root; output is captured, never printed."""
         env = {**clean_env(), "BAO_ADDR": self.address, "BAO_TOKEN": self.root_token,
                "HOME": str(self.workdir)}
+        if self.ca_file:
+            env["BAO_CACERT"] = str(self.ca_file)
         result = subprocess.run([self.binary, *args], env=env, capture_output=True, text=True,
                                 timeout=30)
         if check and result.returncode != 0:
@@ -166,11 +181,11 @@ class OpenBaoServer:
 
 
 @contextlib.contextmanager
-def running_openbao(workdir: Path) -> Iterator[OpenBaoServer]:
+def running_openbao(workdir: Path, *, tls: bool = False) -> Iterator[OpenBaoServer]:
     binary = find_bao()
     if binary is None:
         pytest.skip("no bao binary")
-    server = OpenBaoServer(binary, workdir)
+    server = OpenBaoServer(binary, workdir, tls=tls)
     try:
         server.start()
         yield server

@@ -317,6 +317,21 @@ async def test_peek_touches_nothing(clock: FakeClock) -> None:
     assert load.calls == 3
 
 
+async def test_wants_is_true_only_when_a_load_would_be_of_use(clock: FakeClock) -> None:
+    cache, load = make(clock, ttl=10), Loader(gate=trio.Event())
+    assert cache.wants("a", "v1")  # nothing there
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.get_or_load, "a", "v1", load)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cache.wants("a", "v1")  # being loaded: a read-ahead would only join it
+        load.gate.set()
+    assert not cache.wants("a", "v1")  # fresh
+    clock.advance(11)
+    assert cache.wants("a", "v1")  # past its ttl (though still servable stale)
+    assert not NO_CACHE.wants("a", "v1")  # nothing loaded ahead would be kept
+    assert load.calls == 1
+
+
 # -- cancellation -----------------------------------------------------------------------------
 
 

@@ -112,7 +112,7 @@ def test_default_config_for_a_user(home: Path) -> None:
     assert manager.encryption.provider == "file"
     assert manager.encryption.key_file == share / "master.key"
     assert (manager.encryption.key_name, manager.encryption.key_id) == (None, None)
-    assert dataclasses.astuple(manager.cache) == (True, 300.0, 1000, 3600.0, 30.0)
+    assert dataclasses.astuple(manager.cache) == (True, 300.0, 1000, 3600.0, 30.0, True)
     assert dataclasses.astuple(manager.rotation) == (True, "0 0 * * *", 90 * DAY, 3600.0)
     assert dataclasses.astuple(manager.audit) == (
         True, share / "audit.log", "info", 90 * DAY, False)
@@ -179,7 +179,8 @@ secrets_manager:
     timeout: 1500ms
     max_versions: 5
   encryption: { provider: openbao_transit, key_name: secretfs, key_file: keys/master.key }
-  cache: { enabled: false, ttl: 0, max_size: 10, max_stale: 0s, poll_interval: 1m30s }
+  cache: { enabled: false, ttl: 0, max_size: 10, max_stale: 0s, poll_interval: 1m30s,
+           read_ahead: off }
   rotation:
     enabled: no
     schedule: "*/15 2-4 1,15 JAN-jun mon-FRI"
@@ -225,7 +226,7 @@ policies:
     assert manager.encryption.provider == "openbao_transit"
     assert manager.encryption.key_name == "secretfs"
     assert manager.encryption.key_file == base / "keys/master.key"
-    assert dataclasses.astuple(manager.cache) == (False, 0.0, 10, 0.0, 90.0)
+    assert dataclasses.astuple(manager.cache) == (False, 0.0, 10, 0.0, 90.0, False)
     assert dataclasses.astuple(manager.rotation) == (
         False, "*/15 2-4 1,15 JAN-jun mon-FRI", 14 * DAY, 90.0)
     assert dataclasses.astuple(manager.audit) == (
@@ -649,7 +650,8 @@ _KEYS = sorted({
     "audit", "mount", "type", "path", "max_versions", "address", "token", "token_file",
     "approle", "role_id", "secret_id_file", "ca_file", "namespace", "timeout", "region",
     "endpoint_url", "prefix", "service", "provider", "key_file", "key_name", "key_id", "enabled",
-    "ttl", "max_size", "max_stale", "poll_interval", "schedule", "default_policy", "max_age",
+    "ttl", "max_size", "max_stale", "poll_interval", "read_ahead", "schedule", "default_policy",
+    "max_age",
     "overlap", "log_level", "retention", "fail_open", "allow_other", "uid", "user", "gid",
     "group", "exe", "exe_sha256", "unit", "container", "cmdline", "allow", "deny", "conditions",
     "action", "resources", "value", "ip_range", "time_window", "openbao", "aws", "keyring",

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,36 @@ def test_64_concurrent_opens_of_an_uncached_secret_read_the_backend_once(
     assert mnt.stats()["backend_reads"] - before == 1
 
 
+def test_a_lookup_inside_a_secret_reads_its_value_ahead_for_a_caller_who_may_read_it(
+        store: Store, mnt: Mount) -> None:
+    value = fresh()
+    store.put("ahead", value)
+    before = mnt.stats()["backend_reads"]
+    # the default policy denies uid 4242: its lookups start nothing
+    as_user(4242, "stat", str(mnt.path / "ahead" / "latest"))
+    time.sleep(0.3)
+    assert mnt.stats()["backend_reads"] == before
+    os.stat(mnt.path / "ahead")  # root's walk towards ahead/latest/value
+    eventually(lambda: mnt.stats()["backend_reads"] == before + 1)
+    time.sleep(1.5)  # past the audit log's flush: still nothing on record, nothing disclosed
+    records = [json.loads(line) for line in (store.root / "audit.log").read_text().splitlines()]
+    assert not [r for r in records if r["resource"] == "ahead" and r["action"] == "read"]
+    assert (mnt.path / "ahead/latest/value").read_text() == value
+    assert mnt.stats()["backend_reads"] == before + 1  # the open found it loaded
+
+
+def test_read_ahead_can_be_turned_off(store: Store, tmp_path: Path) -> None:
+    store.config.write_text(store.config.read_text() + "  cache: { read_ahead: false }\n")
+    store.put("ahead", fresh())
+    with mounted(store, tmp_path / "mnt") as mount:
+        before = mount.stats()["backend_reads"]
+        os.stat(mount.path / "ahead" / "latest" / "value")
+        time.sleep(0.3)
+        assert mount.stats()["backend_reads"] == before
+        (mount.path / "ahead/latest/value").read_bytes()
+        assert mount.stats()["backend_reads"] == before + 1
+
+
 def test_an_open_reader_keeps_its_version_while_new_opens_see_the_new_one(
         store: Store, mnt: Mount, tmp_path: Path) -> None:
     old = os.urandom(100_000)
@@ -311,7 +342,7 @@ def test_backend_failure_serves_cached_values_stale_and_recovers(tmp_path: Path)
         "secrets_manager:\n"
         f"  backend: {{ type: flaky, path: {store.db}, switch: {switch} }}\n"
         "  encryption: { provider: file, key_file: master.key }\n"
-        "  cache: { ttl: 0s, max_stale: 1h }\n"
+        "  cache: { ttl: 0s, max_stale: 1h, read_ahead: false }\n"  # `uncached` stays so
         "  audit: { path: audit.log }\n"
     )
     plugins = install_plugin(tmp_path / "plugins", "flaky_backend", FLAKY_BACKEND, "flaky")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from secretfs.config import load_config
 from tests.helpers import install_plugin, make_store
 from tests.mounting import mounted
 
@@ -79,3 +80,29 @@ def test_writes_made_elsewhere_appear_within_the_poll_interval(tmp_path: Path) -
             assert "backend unavailable" not in mount.log_text()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_poll_renews_cached_metadata_past_its_ttl(tmp_path: Path) -> None:
+    """What a poll just read replaces an entry past its ttl, so that the first open after it
+    costs one backend request (the value), not two (metadata again, then the value)."""
+    from secretfs.access.callers import CallerCache
+    from secretfs.cache import TtlCache
+    from secretfs.fs.operations import SecretsFS
+    from secretfs.manager import SecretsManager, SyncSecretsManager
+    from tests.test_cache import FakeClock
+
+    store = make_store(tmp_path / "s")
+    store.put("db", os.urandom(8).hex())
+    clock = FakeClock()
+    cache = TtlCache(ttl=10, max_size=100, max_stale=3600, clock=clock)
+    sync = SyncSecretsManager.from_config(load_config(str(store.config)))
+    filesystem = SecretsFS(SecretsManager(sync, cache=cache), CallerCache())
+    await filesystem.load_names()
+    seen: dict = {}
+    await filesystem._poll_once(0, seen)  # the first look
+    clock.advance(11)
+    assert cache.peek("db", "metadata").stale
+    await filesystem._poll_once(0, seen)  # nothing changed, but the entry is renewed
+    renewed = cache.peek("db", "metadata")
+    assert renewed is not None and not renewed.stale and renewed.loaded_at == clock.now
+    filesystem.manager.close()

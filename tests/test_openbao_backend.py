@@ -175,6 +175,21 @@ def test_token_file_replaced(openbao: OpenBaoServer, tmp_path: Path) -> None:
         backend.close()
 
 
+def test_tls_is_verified_against_ca_file(tmp_path: Path) -> None:
+    with running_openbao(tmp_path, tls=True) as server:
+        value = secrets.token_bytes(16)
+        trusting = OpenBaoBackend(server.address, token=server.root_token,
+                                  ca_file=server.ca_file)
+        trusting.write_version("tls/one", value)
+        assert trusting.read_value("tls/one", 1) == value
+        trusting.close()
+        # the dev server's CA is in no trust store: without ca_file the server is not believed
+        untrusting = OpenBaoBackend(server.address, token=server.root_token)
+        with pytest.raises(BackendUnavailable, match=r"certificate of .* is not trusted"):
+            untrusting.read_value("tls/one", 1)
+        untrusting.close()
+
+
 def test_first_address_dead(openbao: OpenBaoServer) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     backend = OpenBaoBackend((dead, openbao.address), token=openbao.root_token)

@@ -32,7 +32,7 @@ def _open_local(config: Config, *, create: bool = False) -> Backend:
 
 
 def _open_openbao(config: Config, *, create: bool = False) -> Backend:
-    from secretfs.backends.openbao import open_openbao  # httpx: only for this backend
+    from secretfs.backends.openbao import open_openbao
 
     return open_openbao(config, create=create)
 

@@ -76,9 +76,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from secretfs.backends.base import MetadataUpdate, check_write
+from secretfs.backends.http import ConnectError, HttpClient, Response, TransportError
 from secretfs.errors import (
     AccessDenied,
     BackendUnavailable,
@@ -437,10 +436,8 @@ class OpenBaoBackend:
         headers = {"X-Vault-Request": "true"}
         if namespace:
             headers["X-Vault-Namespace"] = namespace
-        self._client = httpx.Client(
-            verify=str(ca_file) if ca_file else True, headers=headers,
-            timeout=timeout or DEFAULT_TIMEOUT,
-        )
+        self._client = HttpClient(headers=headers, timeout=timeout or DEFAULT_TIMEOUT,
+                                  ca_file=ca_file)
         self._shapes: dict[tuple[str, int, str], tuple[bool, tuple[str, ...], tuple[int, ...]]]
         self._shapes = {}
         self._auth = _Auth(
@@ -453,20 +450,23 @@ class OpenBaoBackend:
     # -- HTTP -----------------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
-              token: str | None) -> httpx.Response:
+              token: str | None) -> Response:
         """One request, to the first address that answers (starting with the last good one)."""
         headers = {"X-Vault-Token": token} if token else {}
         count = len(self.addresses)
-        last: httpx.Response | None = None
+        last: Response | None = None
+        problems = []
         for step in range(count):
             index = (self._preferred + step) % count
             url = f"{self.addresses[index]}/v1/{path}"
             try:
                 response = self._client.request(method, url, json=body, params=params,
                                                  headers=headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+            except ConnectError as error:
+                problems.append(str(error))
                 continue  # never reached the server: safe to try the next one
-            except httpx.TransportError:
+            except TransportError as error:
+                problems.append(str(error))
                 if method in ("GET", "LIST") and step + 1 < count:
                     continue
                 break  # a write may have landed: do not repeat it elsewhere
@@ -478,7 +478,7 @@ class OpenBaoBackend:
         if last is not None:
             return last
         raise BackendUnavailable(
-            f"OpenBao did not answer at {', '.join(self.addresses)}",
+            f"OpenBao did not answer at {', '.join(self.addresses)} ({'; '.join(problems)})",
             "check that the server is running and reachable; cached values are used meanwhile",
         )
 
@@ -496,7 +496,7 @@ class OpenBaoBackend:
         return response.json().get("auth") if response.status_code == 200 else None
 
     def _request(self, method: str, path: str, body: Any = None,
-                 params: Mapping[str, str] | None = None) -> httpx.Response:
+                 params: Mapping[str, str] | None = None) -> Response:
         """An authenticated request; a refused token is replaced and the request retried once."""
         for attempt in range(2):
             token = self._auth.token(self._renew)
@@ -506,7 +506,7 @@ class OpenBaoBackend:
             return response
         return response
 
-    def _fail(self, response: httpx.Response, what: str) -> SecretfsError:
+    def _fail(self, response: Response, what: str) -> SecretfsError:
         """The error for an unexpected answer (the server's messages carry no values)."""
         status = response.status_code
         if status == 403:

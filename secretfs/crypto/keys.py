@@ -156,7 +156,7 @@ def load_master_key(provider: str, key_file: Path, *, create: bool,
         if not remote_key:
             raise ConfigError(f"encryption provider '{provider}' needs encryption.{setting}",
                               f"set encryption.{setting} to the key's name in the service")
-        from secretfs.crypto import remote  # httpx or boto3: only for these providers
+        from secretfs.crypto import remote  # boto3 for aws_kms: only for these providers
 
         factory = remote.transit_key if provider == "openbao_transit" else remote.kms_key
         return factory(remote_key, key_file, create=create)

@@ -91,19 +91,20 @@ def transit_key(key_name: str, root_file: Path, *, create: bool,
                 address: str | None = None, token: str | None = None,
                 mount: str = "transit") -> RemoteKey:
     """A master key in OpenBao's (or Vault's) Transit engine, named *key_name*."""
-    import httpx
+    from secretfs.backends.http import HttpClient, TransportError
 
     address = (address or os.environ.get("BAO_ADDR") or os.environ.get("VAULT_ADDR")
                or "http://127.0.0.1:8200").rstrip("/")
-    headers = {"X-Vault-Token": token or _bao_token() or ""}
-    client = httpx.Client(base_url=address, headers=headers, timeout=10.0)
+    client = HttpClient(headers={"X-Vault-Token": token or _bao_token() or ""}, timeout=10.0,
+                        ca_file=os.environ.get("BAO_CACERT") or os.environ.get("VAULT_CACERT"))
     where = f"Transit key '{key_name}' at {address}"
 
     def call(operation: str, body: dict[str, str]) -> dict[str, Any]:
         try:
-            response = client.post(f"/v1/{mount}/{operation}/{key_name}", json=body)
-        except httpx.HTTPError as error:
-            raise BackendUnavailable(f"cannot reach {where}: {type(error).__name__}",
+            response = client.request("POST", f"{address}/v1/{mount}/{operation}/{key_name}",
+                                      json=body)
+        except TransportError as error:
+            raise BackendUnavailable(f"cannot reach {where}: {error}",
                                      "check that OpenBao runs and BAO_ADDR points at it") from None
         if response.status_code >= 400:
             try:

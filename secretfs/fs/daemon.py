@@ -187,6 +187,7 @@ def build_filesystem(config: Config) -> Any:
                 "callers": callers.stats.to_json(), "backend_reads": manager.backend_reads}
 
     filesystem = SecretsFS(manager, callers, status=status)
+    filesystem.read_ahead = config.manager.cache.read_ahead
     return filesystem
 
 
@@ -205,6 +206,7 @@ async def serve(config_source: str | None, config: Config, mountpoint: Path,
     log.info("mounted %s (%d secrets)", mountpoint, len(filesystem.tree.index))
     try:
         async with trio.open_nursery() as nursery:
+            filesystem.run_background_in(nursery)
             nursery.start_soon(filesystem.callers.run)
             audit = filesystem.manager.sync.audit
             if hasattr(audit, "run"):  # the log flushes at least every second, and on the way out
@@ -281,6 +283,7 @@ def _reload(filesystem: Any, config_source: str | None) -> None:
     from secretfs.access.policy import access_control
 
     filesystem.manager.cache = cache_for(config)
+    filesystem.read_ahead = config.manager.cache.read_ahead
     filesystem.manager.sync.access = access_control(config, os.geteuid())
     filesystem.manager.sync.rotation = config.manager.rotation
     log.info("configuration reloaded from %s (backend and mount options need a restart)",

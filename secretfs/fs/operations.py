@@ -127,6 +127,12 @@ class SecretsFS(pyfuse3.Operations):
         self._next_handle = 1
         self._cursor: int | None = None  # position in the backend's change feed
         self._feed_lock: Any = None  # a trio.Lock, made by load_names (inside trio)
+        self._background: Any = None  # the daemon's trio nursery, for read-ahead
+        self.read_ahead = True
+
+    def run_background_in(self, nursery: Any) -> None:
+        """Work the handlers start and do not wait for (read-ahead) runs in *nursery*."""
+        self._background = nursery
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -230,7 +236,32 @@ class SecretsFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
         if node.kind in (Kind.SECRET, Kind.VERSION, Kind.FILE):
             self.tree.handed_out(node.name, parent_inode, entry)
+            self._read_ahead(node, metadata, ctx)
         return self._attributes(node, metadata, ctx)
+
+    def _read_ahead(self, node: Node, metadata: SecretMetadata | None,
+                    ctx: pyfuse3.RequestContext) -> None:
+        """A lookup inside a secret is most often a path walk on its way to an open
+        (``db`` → ``latest`` → ``password``): start loading the value it leads to now, so the
+        backend request overlaps the kernel's remaining lookups; the open joins the load
+        (single-flight) instead of starting it. Only for a caller the policy lets read it, and
+        only when nothing is cached or loading. Not audited: nothing is handed out here — the
+        open is decided and audited as always."""
+        if not self.read_ahead or self._background is None or metadata is None:
+            return
+        if node.kind is Kind.FILE:
+            info = metadata.version_info(node.version)
+        elif node.kind is Kind.VERSION:
+            info = resolve_word(metadata, node.word)
+        else:
+            current = metadata.current_version
+            info = metadata.version_info(current) if current else None
+        if info is None or not info.readable:
+            return
+        if not self.manager.wants_value(node.name, info.version):
+            return
+        if self.manager.sync.access.check(self._caller(ctx), "read", node.name).allowed:
+            self._background.start_soon(self.manager.read_ahead, node.name, info.version)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -483,9 +514,10 @@ class SecretsFS(pyfuse3.Operations):
             seen[name] = fresh
             if last != fresh:  # or a first look: what the kernel holds may predate it
                 await self.changed({name})
-            elif self.manager.cache.peek(name, "metadata") is None:
-                # Keep what was just read: the first open of this secret then costs one
-                # backend request (its value), as a direct read of the service would.
+            elif self.manager.cache.wants(name, "metadata"):
+                # Keep what was just read (also over an entry past its ttl): the first open of
+                # this secret then costs one backend request (its value), as a direct read of
+                # the service would.
                 await self.manager.cache.get_or_load(name, "metadata", partial(_ready, fresh))
 
     async def changed(self, names: set[str] | None) -> None:
