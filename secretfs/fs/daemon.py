@@ -236,7 +236,10 @@ async def _announce_when_answering(mountpoint: Path, report: Callable[[str | Non
                                    ) -> None:
     import trio
 
-    await trio.to_thread.run_sync(os.listdir, mountpoint)  # answered by our request loop
+    # Answered by our request loop. Abandoned if cancelled: a SIGTERM can stop the loop before
+    # this thread's request reaches it, and that request is then answered only by the unmount
+    # that comes after this nursery — waiting for the thread here would never end.
+    await trio.to_thread.run_sync(os.listdir, mountpoint, abandon_on_cancel=True)
     sd_notify("READY=1")
     report(None)
 
