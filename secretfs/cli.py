@@ -594,6 +594,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from secretfs.doctor import doctor
+
+    return doctor(args.config, as_json=args.json)
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -722,6 +731,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         sub.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     command(commands, ("umount",), cmd_umount, "unmount a secretfs mount", umount_arguments)
+
+    def doctor_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json", action="store_true",
+                         help="print a JSON list of {check, status, detail, fix}")
+
+    command(commands, ("doctor",), cmd_doctor,
+            "check FUSE, permissions, config, policy, backend, keys, mounts, audit log, clock "
+            "(exit 1 if a check fails)", doctor_arguments)
 
     def run_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--env", action="append", metavar="NAME=REF",
