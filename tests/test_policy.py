@@ -275,6 +275,20 @@ def test_cgroup_parsing() -> None:
     assert container_from_cgroup(f"/docker/{cid}") == cid
     assert container_from_cgroup(f"/machine.slice/libpod-{cid}.scope") == cid
     assert container_from_cgroup(f"/kubepods/crio-{cid}.scope") == cid
+    # cgroupfs drivers: kubelet, podman, containerd namespaces (nerdctl), nested cgroups
+    assert container_from_cgroup(f"/kubepods/burstable/pod1f2e-33/{cid}") == cid
+    assert container_from_cgroup(f"/libpod_parent/libpod-{cid}") == cid
+    assert container_from_cgroup(f"/default/{cid}") == cid
+    assert container_from_cgroup(f"/system.slice/nerdctl-{cid}.scope") == cid
+    assert container_from_cgroup(f"/machine.slice/libpod-{cid}.scope/container") == cid
+    assert container_from_cgroup(
+        f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1f2e.slice/"
+        f"cri-containerd-{cid}.scope") == cid
+    # not a container: a unit, a shorter or longer hex run, hex inside a longer name
+    assert container_from_cgroup("/system.slice/nginx.service") is None
+    assert container_from_cgroup(f"/docker/{cid[:63]}") is None
+    assert container_from_cgroup(f"/docker/{cid}0") is None
+    assert container_from_cgroup(f"/system.slice/app-{cid}.service") is None
     assert container_from_cgroup("/system.slice/nginx.service") is None
 
 

@@ -108,15 +108,22 @@ def systemd_unit(caller: Caller) -> str | None:
     return unit_from_cgroup(path) if path else None
 
 
+# A path segment that is a 64-hex container id, bare or as a runtime's scope name. The systemd
+# cgroup drivers name it docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope,
+# libpod-<id>.scope or nerdctl-<id>.scope; the cgroupfs drivers use the bare id under the
+# runtime's folder (/docker/<id>, kubelet's /kubepods/burstable/pod<uid>/<id>, containerd's
+# /<namespace>/<id>) or libpod-<id> (podman). The first such segment is the container; what
+# follows it (…/libpod-<id>.scope/container) is inside it.
 _CONTAINER = re.compile(
-    r"(?:docker-|crio-|libpod-|cri-containerd-)([0-9a-f]{64})\.scope"
-    r"|/(?:docker|containerd|libpod|crio)/([0-9a-f]{64})(?:/|$)")
+    r"(?:^|/)(?:docker-|crio-|libpod-|cri-containerd-|containerd-|nerdctl-)?([0-9a-f]{64})"
+    r"(?:\.scope)?(?=/|$)")
 
 
 def container_from_cgroup(path: str) -> str | None:
-    """The 64-hex container id in a cgroup path (docker, cri-o, podman, containerd)."""
+    """The 64-hex container id in a cgroup path (docker, cri-o, podman, containerd, kubelet;
+    systemd or cgroupfs drivers)."""
     match = _CONTAINER.search(path)
-    return (match[1] or match[2]) if match else None
+    return match[1] if match else None
 
 
 def container_id(caller: Caller) -> str | None:
