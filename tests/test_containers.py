@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -27,8 +26,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cgroups import cgroups
 from tests.helpers import Store, make_store
 from tests.mounting import Mount, as_user, force_unmount, is_mounted, mounted, start, stop
+
+__all__ = ["cgroups"]  # the fixture, re-exported for pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -62,52 +64,6 @@ def db_store(tmp_path: Path) -> tuple[Store, str]:
     password = "pw-" + os.urandom(8).hex()
     store.put("db", "--key", "user=app", "--key", f"password={password}")
     return store, password
-
-
-def cgroup2_root() -> Path | None:
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if fields[2] == "cgroup2":
-                return Path(fields[1])
-    return None
-
-
-@pytest.fixture
-def cgroups():
-    """Makes real cgroups (/proc/PID/cgroup shows them) and removes them after the test
-    (the same as tests/test_mount_policy.py's fixture)."""
-    root = cgroup2_root()
-    if root is None:
-        pytest.skip("no cgroup2 hierarchy mounted")
-    base = root / f"secretfs-test-{os.getpid()}-{os.urandom(3).hex()}"
-    made: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = base / name
-        try:
-            path.mkdir(parents=True)
-        except OSError as error:
-            pytest.skip(f"cannot create a cgroup: {error}")
-        made.append(path)
-        return path
-
-    try:
-        yield make
-    finally:
-        for path in made:
-            for pid in (path / "cgroup.procs").read_text().split():
-                os.kill(int(pid), signal.SIGKILL)
-        for entry, _, _ in sorted(os.walk(base), key=lambda item: -len(item[0])):
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    os.rmdir(entry)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
 
 
 # -- a container made with unshare ------------------------------------------------------------

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.cgroups import cgroups
 from tests.helpers import Store, make_store
 from tests.mounting import as_user, mounted
+
+__all__ = ["cgroups"]  # the fixture, re-exported for pytest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="real mounts need root and /dev/fuse")
@@ -137,54 +140,6 @@ def test_a_binary_bind_mounted_over_the_allowed_exe_is_refused(policed) -> None:
         assert denials, "the denial was not audited"
         assert denials[-1]["caller"]["uid"] == 65534
         assert "is not the file at that path" in denials[-1]["reason"]
-
-
-def cgroup2_root() -> Path | None:
-    """Where the unified (v2) cgroup hierarchy is mounted, if anywhere."""
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if fields[2] == "cgroup2":
-                return Path(fields[1])
-    return None
-
-
-@pytest.fixture
-def cgroups():
-    """Makes cgroups (real ones: /proc/PID/cgroup shows them) and removes them after the test."""
-    root = cgroup2_root()
-    if root is None:
-        pytest.skip("no cgroup2 hierarchy mounted")
-    base = root / f"secretfs-test-{os.getpid()}-{os.urandom(3).hex()}"
-    made: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = base / name
-        try:
-            path.mkdir(parents=True)
-        except OSError as error:
-            pytest.skip(f"cannot create a cgroup: {error}")
-        made.append(path)
-        return path
-
-    try:
-        yield make
-    finally:
-        for path in made:
-            for pid in (path / "cgroup.procs").read_text().split():
-                os.kill(int(pid), signal.SIGKILL)
-        # deepest first; a cgroup can be removed once its processes are gone (rmdir, even
-        # though it shows control files)
-        for folder, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    os.rmdir(folder)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
 
 
 def read_in_cgroup(cgroup: Path | None, uid: int, target: str, *argv: str
