@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup build-deps system-deps demo test lint bench clean install uninstall
+.PHONY: setup build-deps system-deps demo test lint fuzz bench clean install uninstall
 
 setup: system-deps $(STAMP)
 
@@ -60,6 +60,13 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+# The hostile-input tests (tests/test_fuzz.py) with many more generated examples than `make test`
+# runs (FUZZ_EXAMPLES per cheap target; targets that start a process or go through a real mount
+# scale down from it). A few minutes at the default; see docs/security.md.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	SECRETFS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q tests/test_fuzz.py
 
 bench: setup
 	$(BIN)/python benchmarks/cli.py

@@ -24,8 +24,8 @@ step secretfs secrets put db_password --generate --length 24 \
      --rotate-every 90d --overlap 1h
 head -c 18 /dev/urandom | base64 | secretfs secrets put api_keys/stripe --stdin --description "Stripe API key" >/dev/null
 token=$(head -c 15 /dev/urandom | base64)
-printf '\n\033[1m$ secretfs secrets put api_keys/github --key user=demo-bot --key token="$TOKEN"\033[0m\n'
-secretfs secrets put api_keys/github --key user=demo-bot --key token="$token"
+printf '\n\033[1m$ echo '"'"'{"user": "demo-bot", "token": "…"}'"'"' | secretfs secrets put api_keys/github --stdin --json-value\033[0m\n'
+printf '{"user": "demo-bot", "token": "%s"}' "$token" | secretfs secrets put api_keys/github --stdin --json-value
 step secretfs secrets put db_password --generate --length 24
 step secretfs secrets list
 step secretfs secrets info db_password

@@ -23,6 +23,7 @@ from secretfs.errors import UsageError
 from secretfs.model import SecretRef
 
 PREFIX = "secretfs://"
+MAX_ENV_FILE_BYTES = 1024 * 1024  # far above what an environment can hold (execve: ~2 MiB total)
 PLACEHOLDER = re.compile(r"\{\{\s*(secretfs://[^\s{}]*)\s*\}\}")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -74,8 +75,10 @@ def render_template(text: str, values: Mapping[SecretRef, str]) -> str:
 def template_refs(text: str, source: str) -> tuple[SecretRef, ...]:
     """The references of a template file's placeholders, in order, each once."""
     found: dict[SecretRef, None] = {}
+    line, counted = 1, 0  # lines are counted as the matches go: linear, not quadratic
     for match in PLACEHOLDER.finditer(text):
-        line = text.count("\n", 0, match.start()) + 1
+        line += text.count("\n", counted, match.start())
+        counted = match.start()
         found[_parse_ref(match[1], "placeholder", f"{source}:{line}")] = None
     return tuple(found)
 
@@ -168,9 +171,15 @@ def collect(env: Sequence[str], env_files: Sequence[Path | str],
     for file in env_files:
         path = Path(file)
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as handle:  # bounded: --env-file /dev/zero must not eat memory
+                data = handle.read(MAX_ENV_FILE_BYTES + 1)
         except OSError as error:
             raise UsageError(f"--env-file {path}: {error.strerror or error}") from None
+        if len(data) > MAX_ENV_FILE_BYTES:
+            raise UsageError(f"--env-file {path}: larger than 1 MiB",
+                             "an environment cannot hold that much; is it the right file?")
+        try:  # newlines translated as read_text() does
+            text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except UnicodeDecodeError:
             raise UsageError(f"--env-file {path}: not UTF-8 text") from None
         for name, value, line in parse_dotenv(text, str(path)):

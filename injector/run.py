@@ -129,7 +129,8 @@ def run(options: RunOptions, environ: Mapping[str, str] | None = None) -> int:
         raise UsageError("no command given", "secretfs run [options] -- CMD [ARG ...]")
     bindings = plan(options, environ)
     if not references(bindings.values()) and not options.dry_run:
-        exec_child(options.command, environ)  # nothing to inject: just run it
+        # nothing to read: just run it, with the --env and --env-file variables all the same
+        exec_child(options.command, {b.name: b.text for b in bindings.values()})
     source = open_source(options.mount, environ, options.config,
                          require_mount="--as-files" if options.as_files else None)
     try:

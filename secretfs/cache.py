@@ -17,8 +17,12 @@ the secret changed. Why each behaviour is there:
 - **Bounded.** At most ``max_size`` entries, least recently used evicted first, O(1) per operation.
 
 Values live in this process's memory only: nothing here writes a file, a value never appears in a
-``repr``, and neither :class:`Cached` nor :class:`TtlCache` can be pickled. Everything runs on the
-trio thread, so no locks. trio is imported only where an event is needed, because the CLI imports
+``repr``, and neither :class:`Cached` nor :class:`TtlCache` can be pickled. An entry the cache
+drops (evicted, invalidated, cleared, replaced by a newer load, or past ``ttl + max_stale``) is
+overwritten in place by :func:`wipe` when its value can be: a ``bytearray`` is zeroed, an object
+with a ``wipe()`` method (the manager's ``HeldValue``) is asked to. Best effort: see docs/cache.md
+for the copies Python makes that no one can overwrite. Everything runs on the trio thread, so no
+locks. trio is imported only where an event is needed, because the CLI imports
 :class:`NoCache` and :class:`Cached` without an event loop. See docs/cache.md.
 """
 
@@ -40,6 +44,25 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def wipe(value: object) -> None:
+    """Overwrite a dropped value in place, as far as it can be: a ``bytearray`` is zeroed, an
+    object with a ``wipe()`` method is asked to wipe itself, a dict or list is wiped item by item.
+    Anything else (``bytes``, ``str``, metadata) is immutable or not secret and is left alone."""
+    if isinstance(value, bytearray):
+        if value:
+            memoryview(value)[:] = bytes(len(value))  # in place, also while a view is exported
+        return
+    method = getattr(value, "wipe", None)
+    if callable(method):
+        method()
+    elif isinstance(value, dict):
+        for item in value.values():
+            wipe(item)
+    elif isinstance(value, list):
+        for item in value:
+            wipe(item)
+
+
 @dataclass(frozen=True, slots=True)
 class Cached(Generic[T]):
     """A value as the cache hands it out, with how old it is and whether it is past its ttl."""
@@ -59,7 +82,8 @@ class CacheStats:
     Every ``get_or_load`` counts one hit or one miss. ``loads`` counts calls of a loader (after
     single-flight), ``load_errors`` those that raised. ``stale_serves`` counts callers answered
     with a stale value. ``evictions`` counts entries dropped for the size bound, ``invalidations``
-    entries dropped by ``invalidate`` or ``clear``.
+    entries dropped by ``invalidate`` or ``clear``. (Entries dropped because they were past
+    ``ttl + max_stale`` are not counted: they are of no use any more, not even stale.)
     """
 
     hits: int = 0
@@ -231,17 +255,21 @@ class TtlCache:
     # -- forgetting ---------------------------------------------------------------------------
 
     def invalidate(self, name: str) -> None:
-        """Drop every entry of *name* (it changed); loads of it in flight will not be stored."""
+        """Drop every entry of *name* (it changed), wiping their values; loads of it in flight
+        will not be stored."""
         keys = self._keys.pop(name, ())
         for key in keys:
-            del self._entries[name, key]
+            wipe(self._entries.pop((name, key)).value)
         self.stats.invalidations += len(keys)
         for flight in self._flights.pop(name, {}).values():
             flight.current = False
 
     def clear(self) -> None:
-        """Drop everything (loads in flight will not be stored)."""
+        """Drop everything, wiping the values (loads in flight will not be stored). The daemon
+        calls this when it stops and when a reload replaces the cache."""
         self.stats.invalidations += len(self._entries)
+        for entry in self._entries.values():
+            wipe(entry.value)
         self._entries.clear()
         self._keys.clear()
         for flights in self._flights.values():
@@ -249,11 +277,26 @@ class TtlCache:
                 flight.current = False
         self._flights.clear()
 
+    def expire(self) -> int:
+        """Drop (and wipe) every entry past ``ttl + max_stale``: it can never be served again,
+        not even while the backend is down. Returns how many. The daemon calls this now and
+        then, so a value read once is not kept in memory long after it stopped being of use."""
+        limit = self._clock() - (self.ttl + self.max_stale)
+        old = [slot for slot, entry in self._entries.items() if entry.loaded_at < limit]
+        for name, key in old:
+            self._remove(name, key)
+        return len(old)
+
     # -- inside -------------------------------------------------------------------------------
 
     def _fresh(self, name: str, key: str) -> Cached[Any] | None:
         entry = self._entries.get((name, key))
-        if entry is None or self.ttl == 0 or self._clock() - entry.loaded_at > self.ttl:
+        if entry is None:
+            return None
+        age = self._clock() - entry.loaded_at
+        if self.ttl == 0 or age > self.ttl:
+            if age > self.ttl + self.max_stale:  # of no use any more, not even stale: wipe it
+                self._remove(name, key)
             return None
         self._entries.move_to_end((name, key))
         return entry
@@ -309,16 +352,20 @@ class TtlCache:
         return None
 
     def _store(self, name: str, key: str, entry: Cached[Any]) -> None:
+        replaced = self._entries.get((name, key))
         self._entries[name, key] = entry
         self._entries.move_to_end((name, key))
         self._keys.setdefault(name, set()).add(key)
+        if replaced is not None and replaced.value is not entry.value:
+            wipe(replaced.value)  # a newer load took its place
         while len(self._entries) > self.max_size:
-            (old_name, old_key), _ = self._entries.popitem(last=False)
+            (old_name, old_key), old = self._entries.popitem(last=False)
             self._unindex(old_name, old_key)
+            wipe(old.value)
             self.stats.evictions += 1
 
     def _remove(self, name: str, key: str) -> None:
-        del self._entries[name, key]
+        wipe(self._entries.pop((name, key)).value)
         self._unindex(name, key)
 
     def _unindex(self, name: str, key: str) -> None:

@@ -144,36 +144,125 @@ def _value_from_args(args: argparse.Namespace) -> Any:
         raise UsageError(f"give the value one way, not {' and '.join(sources)}")
     if args.json_value and (args.key or args.generate):
         raise UsageError("--json-value applies to VALUE, --from-file or --stdin")
+    _refuse_argv_value(args)
     if args.generate:
         from secretfs.rotation.generate import generate
 
         return generate(_generator(args))
     if args.key:
+        _check_text(("--key", item) for item in args.key)
         return _pairs(args.key, "--key")
     if args.value is not None:
-        raw: bytes = args.value.encode()
+        raw: bytes = os.fsencode(args.value)  # the bytes as given, even if not UTF-8
     elif args.from_file is not None:
         raw = _read_file(args.from_file)
+    elif args.stdin and _stdin_is_terminal():
+        raw = _read_hidden_line(args.name)
     elif args.stdin:
-        raw = sys.stdin.buffer.read()
+        from secretfs.model import MAX_VALUE_BYTES
+
+        # Bounded: one byte over the limit (plus the newline dropped below) is enough to refuse.
+        raw = sys.stdin.buffer.read(MAX_VALUE_BYTES + 2)
         if raw.endswith(b"\n"):  # `echo pw | …` must store pw; exact bytes: use --from-file
             raw = raw[:-1]
     else:
         return None
+    _check_size(raw)
     if args.json_value:
         return _json_object(raw)
     return raw
+
+
+def _check_size(raw: bytes) -> None:
+    """Inputs are read only up to one byte over the limit: say so before parsing a cut JSON."""
+    from secretfs.errors import ValueTooLarge
+    from secretfs.model import MAX_VALUE_BYTES
+
+    if len(raw) > MAX_VALUE_BYTES:
+        raise ValueTooLarge(f"value is over the {MAX_VALUE_BYTES}-byte limit",
+                            "store large files elsewhere and keep their key here")
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return os.isatty(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # closed, or not a real file
+        return False
+
+
+def _refuse_argv_value(args: argparse.Namespace) -> None:
+    """A value typed on the command line shows in `ps` (to every user) and stays in the shell's
+    history. At a terminal that is a person typing it: refuse, and say how to give it safely.
+    Scripts (stdin not a terminal) may pass one — see docs/cli.md."""
+    from secretfs.errors import UsageError
+
+    if args.insecure_argv or not (args.value is not None or args.key) \
+            or not _stdin_is_terminal():
+        return
+    if args.key:
+        raise UsageError(
+            "refusing --key values on the command line: they show in ps and your shell history",
+            "type or pipe the map as JSON with --stdin --json-value, or use --from-file F "
+            "--json-value; --insecure-argv allows it")
+    raise UsageError(
+        "refusing a value on the command line: it shows in ps and your shell history",
+        "use --stdin to type or pipe it, --from-file F or --generate; "
+        "--insecure-argv allows it")
+
+
+def _read_hidden_line(name: str) -> bytes:
+    """`--stdin` at a terminal: one line, typed without echo (like a password prompt)."""
+    import termios
+
+    from secretfs.errors import UsageError
+    from secretfs.model import MAX_VALUE_BYTES
+
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    quiet = list(old)
+    quiet[3] &= ~termios.ECHO
+    try:
+        termios.tcsetattr(fd, termios.TCSADRAIN, quiet)  # before the prompt, so nothing
+        sys.stderr.write(f"value for {name} (not shown; Enter to store it): ")  # is echoed
+        sys.stderr.flush()
+        line = sys.stdin.buffer.readline(MAX_VALUE_BYTES + 2)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+    value = line[:-1] if line.endswith(b"\n") else line
+    if not value:
+        raise UsageError("no value typed: nothing stored",
+                         "type the value and press Enter, or pipe it into --stdin")
+    return value
+
+
+def _check_text(items: Any) -> None:
+    """Metadata and map keys are text: refuse arguments that are not UTF-8 (naming only the
+    flag: the text may be a value)."""
+    from secretfs.errors import UsageError
+
+    for flag, text in items:
+        if text is None:
+            continue
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise UsageError(f"{flag}: not valid UTF-8 text") from None
 
 
 def _read_file(path: str) -> bytes:
     from secretfs.errors import UsageError
     from secretfs.model import MAX_VALUE_BYTES
 
+    shown = path if path.isprintable() and len(path) <= 200 else repr(path[:200])
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_VALUE_BYTES + 1)
     except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+        raise UsageError(f"cannot read {shown}: {error.strerror}") from None
+    except ValueError:  # a NUL in the path (only possible through main(argv))
+        raise UsageError(f"cannot read {shown}: the path contains a NUL byte") from None
     return data
 
 
@@ -184,9 +273,14 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
     try:
         document = json.loads(raw)
+    except UnicodeDecodeError:
+        raise UsageError("--json-value: not valid JSON (the text is not UTF-8)") from None
     except ValueError as error:
         raise UsageError(f"--json-value: not valid JSON ({error.msg} at line {error.lineno})"
                          ) from None
+    except RecursionError:
+        raise UsageError("--json-value: the JSON is nested too deeply",
+                         "a map-valued secret is one flat object of keys to values") from None
     if not isinstance(document, dict):
         raise UsageError("--json-value: expected a JSON object of keys to values")
     return document
@@ -240,6 +334,10 @@ def cmd_put(args: argparse.Namespace) -> int:
     from secretfs.model import Secret, validate_name
 
     name = validate_name(args.name)
+    _check_text([("--description", args.description), ("--charset", args.charset),
+                 ("--exclude", args.exclude), ("--rotate-key", args.rotate_key),
+                 ("--set-cmd", args.set_cmd), ("--validate-cmd", args.validate_cmd),
+                 *(("--tag", tag) for tag in args.tag or ())])
     value = _value_from_args(args)
     tags = _pairs(args.tag, "--tag")
     rotation = _rotation_from_args(args)
@@ -424,6 +522,68 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- backup / restore (secretfs/backup.py) ----------------------------------------------------
+
+
+def _protection(args: argparse.Namespace, *, confirm: bool) -> Callable[[], Any]:
+    from secretfs.backup import protection_from
+
+    return lambda: protection_from(args.passphrase_file, args.key_file, confirm=confirm)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from secretfs.backup import backup
+    from secretfs.manager import SyncSecretsManager
+
+    config = _config(args)
+    with SyncSecretsManager.from_config(config) as manager:
+        report = backup(manager, Path(args.file), _protection(args, confirm=True),
+                        force=args.force, config=config)
+        kind = manager.backend.kind
+    if report.created_key_file is not None:
+        print(f"created key file {report.created_key_file}: keep it apart from the archive and "
+              "from this host")
+    print(f"backed up {report.secrets} secrets ({report.versions} versions) to {report.path}")
+    if not report.complete:
+        print(f"note: the {kind} backend does not show soft-deleted secrets or the values of "
+              "deleted versions: they are not in the archive")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from datetime import datetime
+    from pathlib import Path
+
+    from secretfs.backup import policies_note, read_archive, restore
+
+    out = Path(args.policies_out) if args.policies_out else None
+    config = None
+    if args.check:
+        report = read_archive(Path(args.file), _protection(args, confirm=False),
+                              policies_out=out)
+        made = datetime.fromtimestamp(report.created).astimezone()
+        print(f"backup archive {report.path} is intact: {report.secrets} secrets "
+              f"({report.versions} versions) from the {report.backend} backend, made "
+              f"{_when(made)} by secretfs {report.secretfs}")
+    else:
+        from secretfs.manager import SyncSecretsManager
+
+        config = _config(args)
+        local = config.manager.backend.type == "local"  # a new host: create the store
+        with SyncSecretsManager.from_config(config, create=local) as manager:
+            report = restore(manager, Path(args.file), _protection(args, confirm=False),
+                             policies_out=out)
+        print(f"restored {report.secrets} secrets ({report.versions} versions) from "
+              f"{report.path}")
+    if not report.complete:
+        print(f"note: the archive was made through the {report.backend} backend: soft-deleted "
+              "secrets and the values of deleted versions are not in it")
+    print(policies_note(report, config))
+    return 0
+
+
 # -- rotation -------------------------------------------------------------------------------
 
 
@@ -573,6 +733,42 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+# -- keys (secretfs/crypto/rotate.py) ---------------------------------------------------------
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from secretfs.crypto.rotate import rotate_master_key
+
+    report = rotate_master_key(_config(args), batch_size=args.batch_size, pause=args.pause)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(report.summary())
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from secretfs.crypto.rotate import key_status
+
+    status = key_status(_config(args))
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"provider: {status['provider']} (key_file {status['key_file']}, backend "
+          f"{status['backend']})")
+    print(f"{'KEY ID':<28}  {'STATE':<8}  {'VERSIONS':>8}  {'CREATED':<25}  WHERE")
+    for key in status["keys"]:
+        versions = "-" if key["versions"] is None else str(key["versions"])
+        print(f"{key['key_id']:<28}  {key['state']:<8}  {versions:>8}  "
+              f"{key['created'] or '-':<25}  {key['where'] or '-'}")
+    if status["rotation_unfinished"]:
+        print(f"rotation: unfinished, {status['versions_behind']} version(s) still wrapped by "
+              "an old key (run 'secretfs keys rotate' to finish it)")
+    else:
+        print("rotation: none unfinished")
+    return 0
+
+
 # -- mount / umount ---------------------------------------------------------------------------
 
 
@@ -652,8 +848,27 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 
 def _positive(text: str) -> int:
+    from secretfs.model import MAX_VERSION
+
+    # the length first: int() of a 5,000-digit string is refused by Python itself
+    if not text.isdigit() or len(text) > 19 or not 1 <= int(text) <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(
+            f"expected a version number from 1 to {MAX_VERSION}, got {text[:40]!r}")
+    return int(text)
+
+
+def _prefix(text: str) -> str:
+    """A name prefix: text, since names are (a prefix that is not UTF-8 matches nothing)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("a prefix must be valid UTF-8 text") from None
+    return text
+
+
+def _positive_count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a version number from 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text!r}")
     return int(text)
 
 
@@ -789,11 +1004,41 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                          help="the configuration of the backend to copy from")
         sub.add_argument("--to", dest="target", required=True, metavar="CONFIG",
                          help="the configuration of the backend to copy to")
-        sub.add_argument("--prefix", metavar="P", help="only secrets whose name starts with P")
+        sub.add_argument("--prefix", metavar="P", type=_prefix,
+                         help="only secrets whose name starts with P")
 
     command(commands, ("migrate",), cmd_migrate,
             "copy every secret, version, label and tag to another backend (resumable)",
             migrate_arguments)
+
+    def archive_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("file", metavar="FILE", help="the archive")
+        key = sub.add_mutually_exclusive_group()
+        key.add_argument("--passphrase-file", metavar="F",
+                         help="the passphrase: the first line of F (mode 0600); default: "
+                              "$SECRETFS_PASSPHRASE, else asked on the terminal")
+        key.add_argument("--key-file", metavar="K",
+                         help="protect with a key file (32 random bytes, base64, mode 0600) "
+                              "instead of a passphrase; backup creates it if missing")
+
+    def backup_arguments(sub: argparse.ArgumentParser) -> None:
+        archive_arguments(sub)
+        sub.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+    command(commands, ("backup",), cmd_backup,
+            "write an encrypted archive of the whole store, policies included (docs/backup.md)",
+            backup_arguments)
+
+    def restore_arguments(sub: argparse.ArgumentParser) -> None:
+        archive_arguments(sub)
+        sub.add_argument("--check", action="store_true",
+                         help="only decrypt and verify the archive and say what it holds")
+        sub.add_argument("--policies-out", metavar="F",
+                         help="write the archive's principals and policies to F (0600)")
+
+    command(commands, ("restore",), cmd_restore,
+            "fill an empty store from an archive, exactly (all or nothing; docs/backup.md)",
+            restore_arguments)
 
     rotation_verbs = group("rotation", "scheduled rotation")
 
@@ -815,15 +1060,40 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     command(audit_verbs, ("audit", "verify"), cmd_audit_verify,
             "check the hash chain (exit 1 and the first bad line on tampering)")
 
+    key_verbs = group("keys", "rotate the master key, and see which keys the store uses")
+
+    def keys_rotate_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--batch-size", type=_positive_count, default=500, metavar="N",
+                         help="data keys re-wrapped per transaction (default 500)")
+        sub.add_argument("--pause", type=_duration, default=0.0, metavar="DURATION",
+                         help="sleep between batches, to leave room to other writers "
+                              "(default 0)")
+        sub.add_argument("--json", action="store_true")
+
+    command(key_verbs, ("keys", "rotate"), cmd_keys_rotate,
+            "new master key, every data key re-wrapped (no value re-encrypted); finishes an "
+            "interrupted rotation", keys_rotate_arguments)
+
+    def keys_status_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json", action="store_true")
+
+    command(key_verbs, ("keys", "status"), cmd_keys_status,
+            "master key ids: current, old (rotation unfinished), retired; versions each wraps",
+            keys_status_arguments)
+
     verbs = group("secrets", "store, read, list and remove secrets")
 
     def put_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("name", metavar="NAME")
         sub.add_argument("value", metavar="VALUE", nargs="?",
-                         help="the value (visible in `ps`: prefer --stdin or --from-file)")
+                         help="the value (visible in `ps` and shell history: refused when stdin "
+                              "is a terminal unless --insecure-argv; prefer --stdin)")
         sub.add_argument("--from-file", metavar="F", help="read the value from file F, byte-exact")
         sub.add_argument("--stdin", action="store_true",
-                         help="read the value from standard input (one trailing newline dropped)")
+                         help="read the value from standard input (one trailing newline "
+                              "dropped; at a terminal: one line, not echoed)")
+        sub.add_argument("--insecure-argv", action="store_true",
+                         help="accept VALUE or --key K=V on the command line even at a terminal")
         sub.add_argument("--key", action="append", metavar="K=V",
                          help="a key of a map-valued secret (repeat for more keys)")
         sub.add_argument("--json-value", action="store_true",
@@ -876,7 +1146,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             "print a secret's value", get_arguments)
 
     def list_arguments(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--prefix", metavar="P", help="only names starting with P")
+        sub.add_argument("--prefix", metavar="P", type=_prefix, help="only names starting with P")
         sub.add_argument("--json", action="store_true", help="print metadata as JSON")
 
     command(verbs, ("secrets", "list"), cmd_list,
@@ -926,7 +1196,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         sub.add_argument("file", metavar="FILE", help="a dotenv or JSON file (- for stdin)")
         sub.add_argument("--format", choices=["dotenv", "json"],
                          help="default: json for *.json, else dotenv")
-        sub.add_argument("--prefix", metavar="P", help="put each secret under P (e.g. app/)")
+        sub.add_argument("--prefix", metavar="P", type=_prefix,
+                         help="put each secret under P (e.g. app/)")
 
     command(verbs, ("secrets", "import"), cmd_import,
             "store each key of a dotenv or JSON file as a secret", import_arguments)

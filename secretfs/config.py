@@ -155,6 +155,7 @@ class ManagerConfig:
     rotation: RotationSettings = field(default_factory=RotationSettings)
     audit: AuditConfig = field(default_factory=AuditConfig)
     mount: MountConfig = field(default_factory=MountConfig)
+    backend_timeout: float = 5.0  # seconds a backend read by the daemon may take (docs/cache.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +355,19 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
+_MAX_KEY_SHOWN = 200
+_MAX_PROBLEM = 400
+
+
+def _bounded_key(key: str) -> str:
+    """A dotted key as an error shows it: the file's own key names, but on one line (control
+    characters escaped) and cut short: an error is one line however hostile the file."""
+    if key.isprintable() and len(key) <= _MAX_KEY_SHOWN:
+        return key
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key[:_MAX_KEY_SHOWN])
+    return shown + ("…" if len(key) > _MAX_KEY_SHOWN else "")
+
+
 class _Reader:
     """Walks one composed document; every failure names ``source:line: dotted.key``."""
 
@@ -369,6 +383,9 @@ class _Reader:
 
     def fail(self, node: Node, key: str, problem: str, fix: str | None = None) -> NoReturn:
         where = f"{self.source}:{node.start_mark.line + 1}"
+        key = _bounded_key(key)
+        if len(problem) > _MAX_PROBLEM:  # it may quote a value of any length from the file
+            problem = problem[:_MAX_PROBLEM] + "…"
         raise ConfigError(f"{where}: {key}: {problem}" if key else f"{where}: {problem}", fix)
 
     @staticmethod
@@ -891,6 +908,7 @@ _MANAGER: Mapping[str, Convert] = {
         "retention": _duration(positive=True), "fail_open": _flag,
     }),
     "mount": _section(MountConfig, {"path": _path, "allow_other": _flag}),
+    "backend_timeout": _duration(positive=True),
 }
 _TOP: Mapping[str, Convert] = {
     "secrets_manager": _section(ManagerConfig, _MANAGER),

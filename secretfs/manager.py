@@ -11,11 +11,20 @@ Two faces over one implementation:
 - ``SecretsManager`` is the seed's async API on trio: each operation runs the sync one in a
   worker thread behind a CapacityLimiter (backends block: SQLite, boto3, keyring), and values
   pass through the cache seam. The filesystem and Python programs use this one.
+
+A backend *read* made by the async face is bounded by ``backend_timeout`` (config
+``secrets_manager.backend_timeout``): past it the thread is abandoned and the read fails with
+BackendUnavailable, which the cache answers from a stale entry when it has one. An abandoned
+thread gives its worker slot back at once, so hung calls never starve the others; at most
+``max_abandoned`` may be outstanding, and a read identical to one still outstanding is refused
+at once rather than stacked behind it (see docs/cache.md, "A backend that hangs").
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -23,7 +32,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from secretfs.access import ALLOW_ALL, AccessControl, Caller, Decision
 from secretfs.audit import NO_AUDIT, AuditSink
 from secretfs.backends.base import Backend, MetadataUpdate
-from secretfs.errors import AccessDenied, SecretfsError, SecretNotFound, VersionNotFound
+from secretfs.errors import (
+    AccessDenied,
+    BackendUnavailable,
+    SecretfsError,
+    SecretNotFound,
+    VersionNotFound,
+)
 from secretfs.model import (
     SINGLE_VALUE_KEY,
     Label,
@@ -46,6 +61,11 @@ if TYPE_CHECKING:
     from secretfs.rotation.workflow import RotationResult, Rotator, Validator
 
 T = TypeVar("T")
+
+log = logging.getLogger("secretfs.manager")
+
+DEFAULT_BACKEND_TIMEOUT = 5.0  # seconds; config: secrets_manager.backend_timeout
+ABANDONED_PER_THREAD = 2  # abandoned (hung) backend calls tolerated per worker thread
 
 
 def as_ref(ref: str | SecretRef) -> SecretRef:
@@ -267,12 +287,120 @@ def _value(secret: Secret) -> Value:
     return normalize_value(secret.value)
 
 
+class HeldValue:
+    """A version's value as the async manager caches it: ``bytearray`` buffers that
+    :meth:`wipe` overwrites with zeros. The cache wipes an entry it drops; the garbage collector
+    wipes one nobody holds any more (a load no cache kept). A single value is one buffer, a map
+    one per key (its UTF-8 bytes). Never in a repr, never pickled.
+
+    ``wiped`` tells a reader that got the object just before the cache dropped it (between a
+    shared load's end and the reader's turn) to load again instead of reading zeros.
+    """
+
+    __slots__ = ("_map", "_single", "wiped")
+
+    def __init__(self, value: Value) -> None:
+        self.wiped = False
+        self._single: bytearray | None = None
+        self._map: dict[str, bytearray] | None = None
+        if isinstance(value, bytes | bytearray):
+            self._single = bytearray(value)
+        else:
+            self._map = {key: bytearray(item.encode() if isinstance(item, str) else item)
+                         for key, item in value.items()}
+
+    def value(self) -> Value:
+        """The value in its public type (bytes, or a str→str map): a copy, the caller's."""
+        if self._single is not None:
+            return bytes(self._single)
+        return {key: item.decode() for key, item in (self._map or {}).items()}
+
+    def key_bytes(self, key: str | None, name: str) -> bytearray:
+        """A copy of the bytes of one key (as ``value_of_key``), for one open to keep and
+        wipe when it is done."""
+        if self._single is not None and key in (None, SINGLE_VALUE_KEY):
+            return bytearray(self._single)
+        if self._map is not None and key is not None and key in self._map:
+            return bytearray(self._map[key])
+        return bytearray(value_of_key(self.value(), key, name))  # a whole map, or the error
+
+    def wipe(self) -> None:
+        for buffer in (self._single, *(self._map or {}).values()):
+            if buffer:
+                memoryview(buffer)[:] = bytes(len(buffer))
+        self.wiped = True
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # also during interpreter shutdown
+            self.wipe()
+
+    def __repr__(self) -> str:
+        return "HeldValue(<concealed>)"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a cached secret value cannot be pickled")
+
+
+class _Slot:
+    """One backend read's claim on a worker thread, in the shape ``trio.to_thread`` wants of a
+    limiter (``acquire_on_behalf_of`` / ``release_on_behalf_of``).
+
+    trio gives a limiter's token back only when the thread returns, so reads hung for good
+    would keep every token and all later reads would queue behind them. A read abandoned at
+    its timeout gives its token back at once instead (:meth:`give_back`); the manager counts
+    its thread among the abandoned until trio reports that it returned (``on_return``).
+    *admit* is asked again once a token is got (it raises to refuse): the abandoned threads may
+    have reached their bound while this read waited for a token."""
+
+    __slots__ = ("admit", "holding", "limiter", "on_return")
+
+    def __init__(self, limiter: Any, admit: Callable[[], None]) -> None:
+        self.limiter = limiter
+        self.admit = admit
+        self.holding = False
+        self.on_return: Callable[[], None] | None = None
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self.limiter.acquire_on_behalf_of(self)
+        try:
+            self.admit()
+        except BaseException:
+            self.limiter.release_on_behalf_of(self)
+            raise
+        self.holding = True
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        """Called by trio, on its thread, once the worker thread returned."""
+        self.give_back()
+        if self.on_return is not None:
+            on_return, self.on_return = self.on_return, None
+            on_return()
+
+    def give_back(self) -> None:
+        if self.holding:
+            self.holding = False
+            self.limiter.release_on_behalf_of(self)
+
+
+def _describe(what: tuple[Any, ...]) -> str:
+    """A backend read's key, in words (names and version numbers only, never a value)."""
+    kind, *rest = what
+    if kind == "value":
+        return f"the value of {rest[0]!r} version {rest[1]}"
+    if kind == "metadata":
+        return f"the metadata of {rest[0]!r}"
+    if kind == "list":
+        return f"the list of secrets under {rest[0]!r}" if rest[0] else "the list of secrets"
+    return {"names": "the list of names", "changes": "the change feed"}.get(kind, kind)
+
+
 class Snapshot(NamedTuple):
     """What one open of a file sees: the bytes of one key of one version, fixed at open.
 
-    A tuple because one is made per open, on the filesystem's hot path."""
+    ``data`` is the open's own copy: whoever holds the snapshot wipes it when done (the
+    filesystem at release). A tuple because one is made per open, on the hot path."""
 
-    data: bytes
+    data: bytearray
     version: int
     stale: bool  # served from cache past its ttl because the backend failed
     size_known: bool  # metadata told its size (so a file can report it before any read)
@@ -287,7 +415,9 @@ class SecretsManager:
     """
 
     def __init__(self, sync: SyncSecretsManager, *, cache: ValueCache | None = None,
-                 max_threads: int = 8) -> None:
+                 max_threads: int = 8,
+                 backend_timeout: float | None = DEFAULT_BACKEND_TIMEOUT,
+                 max_abandoned: int | None = None) -> None:
         import trio
 
         from secretfs.cache import NO_CACHE
@@ -295,22 +425,123 @@ class SecretsManager:
         self.sync = sync
         self.cache = NO_CACHE if cache is None else cache  # an empty cache is falsy
         self.backend_reads = 0  # values read from the backend (cache misses that loaded)
+        self.backend_timeout = backend_timeout  # seconds a backend read may take (None: no bound)
+        self.max_abandoned = (ABANDONED_PER_THREAD * max_threads if max_abandoned is None
+                              else max_abandoned)
+        self.timeouts = 0  # backend reads abandoned at their timeout
+        self.refused = 0  # backend reads refused at once because of abandoned ones
         self._stale: set[tuple[str, int]] = set()  # versions last served stale
         self._limiter = trio.CapacityLimiter(max_threads)
+        self._abandoned: dict[_Slot, tuple[tuple[Any, ...], float]] = {}  # → (read, since)
+        self._abandoned_reads: Counter[tuple[Any, ...]] = Counter()
 
     @classmethod
     def from_config(cls, config: Config | None = None, *, create: bool = False
                     ) -> SecretsManager:
-        return cls(SyncSecretsManager.from_config(config, create=create))
+        from secretfs.config import load_config
+
+        config = config or load_config()
+        return cls(SyncSecretsManager.from_config(config, create=create),
+                   backend_timeout=config.manager.backend_timeout)
 
     async def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A blocking call (a write) in a worker thread, waited for however long it takes: a
+        write abandoned half-way might still commit after its caller was told it failed."""
         import trio
 
         return await trio.to_thread.run_sync(
             lambda: function(*args, **kwargs), limiter=self._limiter
         )
 
+    async def _ask(self, what: tuple[Any, ...], function: Callable[..., T], *args: Any,
+                   **kwargs: Any) -> T:
+        """A backend read in a worker thread, bounded by ``backend_timeout``.
+
+        *what* names the read (``("value", name, version)``, ``("metadata", name)``…). Past the
+        timeout the thread is abandoned (it runs on; its result is dropped), its worker slot is
+        given back at once, and the read fails with BackendUnavailable. While *what* is still
+        outstanding from an earlier abandoned read, or ``max_abandoned`` threads are, a read
+        fails at once instead of adding one more thread to those that hang."""
+        import trio
+
+        admit = partial(self._refuse_if_hung, what)
+        if self._abandoned:
+            admit()
+        slot = _Slot(self._limiter, admit)
+        timeout = self.backend_timeout
+        try:
+            with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
+                return await trio.to_thread.run_sync(
+                    partial(function, *args, **kwargs), limiter=slot, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self.timeouts += 1
+            raise BackendUnavailable(
+                f"the {self._backend_kind()} backend did not answer within {timeout:g}s "
+                f"(reading {_describe(what)})",
+                "cached values are served meanwhile (cache.max_stale); "
+                "secrets_manager.backend_timeout sets this bound",
+            ) from None
+        finally:
+            if slot.holding:  # leaving while its thread runs on (timeout or cancellation)
+                self._abandon(what, slot)
+
+    def _refuse_if_hung(self, what: tuple[Any, ...]) -> None:
+        """Raise BackendUnavailable if *what* is still outstanding from an abandoned read, or
+        if ``max_abandoned`` threads are (up to ``max_threads`` reads running at that moment
+        may still be abandoned after it: never more than ``max_abandoned + max_threads - 1``
+        threads are left behind)."""
+        if not self._abandoned:
+            return
+        if what in self._abandoned_reads:
+            self.refused += 1
+            raise BackendUnavailable(
+                f"the {self._backend_kind()} backend has not yet answered an earlier request "
+                f"for {_describe(what)}", "it is not asked again until that request returns",
+            )
+        if len(self._abandoned) >= self.max_abandoned:
+            self.refused += 1
+            raise BackendUnavailable(
+                f"{len(self._abandoned)} requests to the {self._backend_kind()} backend have "
+                "not returned", "no new request is made until some return; check the backend",
+            )
+
+    def _abandon(self, what: tuple[Any, ...], slot: _Slot) -> None:
+        import trio
+
+        slot.give_back()
+        self._abandoned[slot] = (what, trio.current_time())
+        self._abandoned_reads[what] += 1
+        slot.on_return = partial(self._returned, slot)
+        log.warning("backend request abandoned: %s did not return in time (%d outstanding)",
+                    _describe(what), len(self._abandoned))
+
+    def _returned(self, slot: _Slot) -> None:
+        """An abandoned thread returned (its result was dropped)."""
+        import trio
+
+        what, since = self._abandoned.pop(slot)
+        self._abandoned_reads[what] -= 1
+        if not self._abandoned_reads[what]:
+            del self._abandoned_reads[what]
+        log.info("abandoned backend request for %s returned after %.1fs (%d outstanding)",
+                 _describe(what), trio.current_time() - since, len(self._abandoned))
+
+    def _backend_kind(self) -> str:
+        return str(getattr(self.sync.backend, "kind", "")) or "secrets"
+
+    def backend_status(self) -> dict[str, Any]:
+        """How the backend is answering, for ``<mount>/.secretfs/stats``."""
+        return {"timeout_s": self.backend_timeout, "timeouts": self.timeouts,
+                "abandoned": len(self._abandoned), "max_abandoned": self.max_abandoned,
+                "refused": self.refused, "threads_busy": self._limiter.borrowed_tokens}
+
     def close(self) -> None:
+        """Close the backend, unless abandoned calls to it are still running: closing would
+        wait for them (the local backend's lock) and the process is about to exit anyway."""
+        if self._abandoned:
+            log.warning("not closing the backend: %d abandoned requests are still running",
+                        len(self._abandoned))
+            return
         self.sync.close()
 
     def forget(self, name: str) -> None:
@@ -358,16 +589,35 @@ class SecretsManager:
     async def metadata(self, name: str) -> Cached[SecretMetadata]:
         """Cached metadata for internal use (the mount's tree): not access-checked."""
         return await self.cache.get_or_load(
-            name, "metadata", lambda: self._run(self.sync.metadata, name)
+            name, "metadata", partial(self._ask, ("metadata", name), self.sync.metadata, name)
         )
 
-    async def _load_value(self, name: str, version: int) -> Value:
-        self.backend_reads += 1
-        return await self._run(self.sync.backend.read_value, name, version)
+    def cached_metadata(self, name: str) -> SecretMetadata | None:
+        """The cached metadata of *name*, fresh or stale, without asking the backend (None if
+        none is cached)."""
+        entry = self.cache.peek(name, "metadata")
+        return None if entry is None else entry.value
 
-    async def _version_value(self, name: str, version: int) -> Cached[Value]:
-        return await self.cache.get_or_load(
-            name, f"v{version}", partial(self._load_value, name, version))
+    async def _load_value(self, name: str, version: int) -> HeldValue:
+        self.backend_reads += 1
+        return HeldValue(await self._ask(("value", name, version),
+                                         self.sync.backend.read_value, name, version))
+
+    async def _version_value(self, name: str, version: int) -> Cached[HeldValue]:
+        key = f"v{version}"
+        load = partial(self._load_value, name, version)
+        value = await self.cache.get_or_load(name, key, load)
+        return value if not value.value.wiped else await self._reload(name, key, load)
+
+    async def _reload(self, name: str, key: str, load: Callable[[], Any]) -> Cached[HeldValue]:
+        """The cache dropped (and wiped) the entry this task was handed before its turn came:
+        ask again (a few times; each round needs another drop to race it)."""
+        for _ in range(4):
+            value = await self.cache.get_or_load(name, key, load)
+            if not value.value.wiped:
+                return value
+        raise BackendUnavailable(f"the value of {name!r} kept being dropped from the cache "
+                                 "while it was read", "try again")
 
     def wants_value(self, name: str, version: int) -> bool:
         """Whether reading this version ahead would fill the cache (it is neither cached fresh
@@ -378,8 +628,12 @@ class SecretsManager:
         """Load a version's value into the cache and hand it to no one: the mount calls this
         when a lookup makes an open of it likely. Nothing is disclosed, so nothing is audited;
         a failure is left for the open that follows to meet (and report)."""
-        with contextlib.suppress(SecretfsError):
+        try:
             await self._version_value(name, version)
+        except SecretfsError:
+            pass
+        except Exception:  # run in the daemon's nursery: it must not take the mount down
+            log.exception("bug in reading %r version %d ahead", name, version)
 
     async def snapshot(self, ref: SecretRef, *, caller: Caller | None = None) -> Snapshot:
         """The bytes of one key for one open, checked ('read') and audited.
@@ -389,16 +643,29 @@ class SecretsManager:
         name = ref.name
         self.sync.authorize(caller, "read", name, "read", version=ref.version, key=ref.key)
         metadata = await self.cache.get_or_load(
-            name, "metadata", partial(self._run, self.sync.metadata, name))
+            name, "metadata", partial(self._ask, ("metadata", name), self.sync.metadata, name))
         info = pick_version(metadata.value, ref)
-        value = await self.cache.get_or_load(
-            name, f"v{info.version}", partial(self._load_value, name, info.version))
+        key = f"v{info.version}"
+        if metadata.stale:
+            # The backend just failed to answer for this secret: serve the cached value as it
+            # is rather than wait for the backend a second time (a hung backend would make
+            # every stale read cost two timeouts).
+            value = self.cache.peek(name, key)
+            if value is None or value.value.wiped:
+                raise BackendUnavailable(
+                    f"the backend is not answering and the value of {name!r} version "
+                    f"{info.version} is not cached", "try again once the backend answers")
+        else:
+            load = partial(self._load_value, name, info.version)
+            value = await self.cache.get_or_load(name, key, load)
+            if value.value.wiped:
+                value = await self._reload(name, key, load)
         stale = metadata.stale or value.stale
         if value.stale:
             self._stale.add((name, info.version))
         elif self._stale:
             self._stale.discard((name, info.version))
-        return Snapshot(value_of_key(value.value, ref.key, name), info.version, stale,
+        return Snapshot(value.value.key_bytes(ref.key, name), info.version, stale,
                         info.size_of(ref.key or SINGLE_VALUE_KEY) is not None)
 
     async def get(self, ref: str | SecretRef, *, caller: Caller | None = None) -> Secret:
@@ -406,7 +673,7 @@ class SecretsManager:
         self.sync.authorize(caller, "read", ref.name, "read", version=format_version(ref.version))
         metadata = (await self.metadata(ref.name)).value
         info = pick_version(metadata, ref)
-        value = (await self._version_value(ref.name, info.version)).value
+        value = (await self._version_value(ref.name, info.version)).value.value()
         return Secret(ref.name, value, metadata.description, dict(metadata.tags),
                       metadata.rotation, info.version)
 
@@ -416,7 +683,10 @@ class SecretsManager:
         if ref.resolver is not None:
             derived = await ref.resolver(self)
             return derived.encode() if isinstance(derived, str) else bytes(derived)
-        return (await self.snapshot(ref, caller=caller)).data
+        snapshot = await self.snapshot(ref, caller=caller)
+        data = bytes(snapshot.data)  # the caller's, as before; the snapshot's copy is wiped
+        memoryview(snapshot.data)[:] = bytes(len(snapshot.data))
+        return data
 
     async def validate(self, ref: str | SecretRef, *, caller: Caller | None = None
                        ) -> VersionInfo:
@@ -426,16 +696,16 @@ class SecretsManager:
 
     async def list(self, prefix: str = "", *, caller: Caller | None = None
                    ) -> list[SecretMetadata]:
-        return await self._run(self.sync.list, prefix, caller=caller)
+        return await self._ask(("list", prefix), self.sync.list, prefix, caller=caller)
 
     async def fresh_metadata(self, name: str) -> SecretMetadata:
         """Metadata straight from the backend (the cache is neither read nor filled): what the
         mount's poller compares with what it has cached."""
-        return await self._run(self.sync.metadata, name)
+        return await self._ask(("metadata", name), self.sync.metadata, name)
 
     async def names(self) -> list[str]:
         """Every live secret name, for the mount's tree (visibility is filtered per caller)."""
-        return await self._run(self.sync.backend.list_names)
+        return await self._ask(("names",), self.sync.backend.list_names)
 
     async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
         validate_name(name)
@@ -466,4 +736,4 @@ class SecretsManager:
         return self._engine().check_access(principal, action, resource).allowed
 
     async def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
-        return await self._run(self.sync.backend.changes_since, cursor)
+        return await self._ask(("changes",), self.sync.backend.changes_since, cursor)

@@ -35,11 +35,24 @@ MAX_SEGMENT_BYTES = 128
 MAX_NAME_BYTES = 512
 MAX_VALUE_BYTES = 1024 * 1024
 MAX_MAP_KEYS = 256
+MAX_VERSION = 2**63 - 1  # versions are SQLite INTEGERs
 SINGLE_VALUE_KEY = "value"
 REFERENCE_SCHEME = "secretfs://"
 RESERVED_TOP_LEVEL = ".secretfs"  # the operator folder of the mount
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """*text* for an error message: quoted, and cut short so a hostile input cannot make a
+    message (one line on stderr, an audit field) arbitrarily long."""
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
+
+
+def _byte_length(text: str) -> int:
+    """The UTF-8 length of *text*; lone surrogates (argv bytes that were not UTF-8) count as
+    3 bytes instead of raising: the character check rejects them with a clear message."""
+    return len(text.encode(errors="surrogatepass"))
 
 
 # -- labels -----------------------------------------------------------------------------------
@@ -77,7 +90,7 @@ def _check_segment(segment: str, whole: str, kind: str) -> None:
         )
     if segment in (".", ".."):
         raise InvalidName(f"invalid {kind} {whole!r}: segment {segment!r} is not allowed")
-    if len(segment.encode()) > MAX_SEGMENT_BYTES:
+    if _byte_length(segment) > MAX_SEGMENT_BYTES:
         raise InvalidName(
             f"invalid {kind} {whole[:40]!r}…: a segment is longer than {MAX_SEGMENT_BYTES} bytes"
         )
@@ -95,7 +108,7 @@ def validate_name(name: str) -> str:
         raise InvalidName("invalid secret name: it is empty")
     if "\x00" in name:
         raise InvalidName("invalid secret name: it contains a NUL byte")
-    if len(name.encode()) > MAX_NAME_BYTES:
+    if _byte_length(name) > MAX_NAME_BYTES:
         raise InvalidName(
             f"invalid secret name {name[:40]!r}…: longer than {MAX_NAME_BYTES} bytes"
         )
@@ -140,9 +153,13 @@ def parse_version(word: str) -> VersionSpec:
     if label is not None:
         return label
     if word.isdigit() and word.isascii() and not word.startswith("0"):
-        return int(word)
+        # Bounded before int(): Python refuses to convert over 4300 digits (ValueError).
+        if len(word) <= len(str(MAX_VERSION)) and int(word) <= MAX_VERSION:
+            return int(word)
+        raise InvalidReference(f"invalid version {_shown(word, 24)}: too large",
+                               f"versions are numbers from 1 to {MAX_VERSION}")
     raise InvalidReference(
-        f"invalid version {word!r}",
+        f"invalid version {_shown(word)}",
         "use a number from 1, or latest, current, previous, pending",
     )
 
@@ -197,6 +214,10 @@ def normalize_value(value: str | bytes | Mapping[str, Any]) -> Value:
                     f"key {key!r}: map values must be strings, numbers or booleans",
                     "nested objects and lists are not supported; flatten them into keys",
                 )
+            try:
+                item.encode()
+            except UnicodeEncodeError:  # a lone surrogate: from non-UTF-8 argv or a JSON escape
+                raise UsageError(f"key {key!r}: map values must be UTF-8 text") from None
             items[key] = item
         encoded = encode_value(items)
         if len(encoded) > MAX_VALUE_BYTES:
@@ -526,7 +547,7 @@ class SecretRef:
         body = text[len(REFERENCE_SCHEME) :] if text.startswith(REFERENCE_SCHEME) else text
         if "://" in body:
             raise InvalidReference(
-                f"invalid reference {text!r}: unknown scheme",
+                f"invalid reference {_shown(text)}: unknown scheme",
                 "write secretfs://name[/version[/key]] or name[/version[/key]]",
             )
         segments = body.split("/")
@@ -541,12 +562,13 @@ class SecretRef:
             rest = segments[at + 1 :]
             if len(rest) > 1:
                 raise InvalidReference(
-                    f"invalid reference {text!r}: more than one key after the version",
+                    f"invalid reference {_shown(text)}: more than one key after the version",
                     "write name/version/key",
                 )
             return cls(name, version, validate_key(rest[0]) if rest else None)
         except InvalidName as error:
-            raise InvalidReference(f"invalid reference {text!r}: {error.what}", error.fix) from None
+            raise InvalidReference(f"invalid reference {_shown(text)}: {error.what}",
+                                   error.fix) from None
 
     def with_version(self, version: VersionSpec) -> SecretRef:
         return SecretRef(self.name, version, self.key, self.resolver)

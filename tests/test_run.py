@@ -92,6 +92,16 @@ def test_env_files_and_templates(store: Store, tmp_path: Path) -> None:
     assert done.stdout.decode() == f"{value}|postgres://app:{value}@db/app|kept"
 
 
+def test_plain_variables_reach_the_child_when_nothing_is_a_reference(store: Store,
+                                                                     tmp_path: Path) -> None:
+    env_file = tmp_path / "plain.env"
+    env_file.write_text("FROM_FILE=file\n")
+    done = run(store, "--env", "FROM_ENV=flag", "--env-file", str(env_file), "--", "sh", "-c",
+               'printf "%s %s" "$FROM_ENV" "$FROM_FILE"')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "flag file"
+
+
 def test_inherited_references_are_resolved_and_env_wins(store: Store) -> None:
     a, b = fresh(), fresh()
     store.put("a", a)

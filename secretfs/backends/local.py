@@ -23,12 +23,20 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from secretfs.backends.base import MetadataUpdate, check_write
-from secretfs.crypto.envelope import SealedValue, associated_data, open_sealed, seal
+from secretfs.crypto.envelope import (
+    DATA_KEY_SIZE,
+    SealedValue,
+    associated_data,
+    open_sealed,
+    seal,
+)
 from secretfs.crypto.keys import MasterKey
 from secretfs.errors import (
     ConflictError,
+    IntegrityError,
     InvalidName,
     SecretNotFound,
     StoreError,
@@ -193,12 +201,54 @@ class LocalBackend:
                 db.execute(_ROTATIONS)
                 db.execute("UPDATE store_info SET value = '2' WHERE key = 'schema_version'")
                 info["schema_version"] = "2"
+            info["master_key_id"] = self._fence(db, info["master_key_id"])
         if int(info["schema_version"]) > SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.path} has schema version {info['schema_version']}, newer than this "
                 f"secretfs understands ({SCHEMA_VERSION})", "upgrade secretfs",
             )
         self.store_key_id = info["master_key_id"]
+
+    def _fence(self, db: sqlite3.Connection, stored: str) -> str:
+        """The store's current master key id, moved to the ring's current key when the ring
+        holds the stored one too: a key rotation (crypto/rotate.py) made the new key durable
+        and crashed before it recorded it here. From then on new data keys are wrapped by the
+        new key only, so the old key's share of the store only shrinks. (In a transaction.)"""
+        current = self.master_key.key_id
+        finder = getattr(self.master_key, "key_for", None)
+        if stored != current and finder is not None and finder(stored, reload=False):
+            db.execute("UPDATE store_info SET value = ? WHERE key = 'master_key_id'", (current,))
+            return current
+        return stored
+
+    def _sealing_key(self, db: sqlite3.Connection) -> MasterKey:
+        """The key that wraps a new data key, checked against the store in the write
+        transaction: a process that loaded its keys before a rotation reloads them first."""
+        stored = db.execute(
+            "SELECT value FROM store_info WHERE key = 'master_key_id'").fetchone()[0]
+        ring = self.master_key
+        if stored != ring.key_id and getattr(ring, "refresh", None) is not None:
+            ring.refresh()
+        stored = self._fence(db, stored)
+        self.store_key_id = stored
+        if stored != ring.key_id:
+            raise WrongMasterKey(
+                f"store {self.path} is sealed by master key '{stored}', "
+                f"but the configured master key is '{ring.key_id}'",
+                "point encryption.key_file (or the provider) at the key that created this store",
+            )
+        return getattr(ring, "current", ring)
+
+    def _opening_key(self, key_id: str, what: str) -> MasterKey:
+        """The loaded key that unwraps data keys wrapped by *key_id* (the ring's, or the one
+        key; open_sealed names both ids when they differ)."""
+        finder = getattr(self.master_key, "key_for", None)
+        if finder is None:
+            return self.master_key
+        key = finder(key_id)
+        if key is None:
+            raise self.master_key.missing(key_id, what)
+        return key
 
     @contextmanager
     def _write(self, changed: str | None = None) -> Iterator[sqlite3.Connection]:
@@ -217,10 +267,14 @@ class LocalBackend:
                         "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
                         (CHANGE_FEED_LENGTH,),
                     )
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) leaves the transaction open: roll it
+                # back, or every later write of this process would fail and keep the lock.
+                # SQLite may have rolled back by itself already; then there is nothing to do.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -240,15 +294,10 @@ class LocalBackend:
 
     def write_version(self, name: str, value: Value, *, label: Label = Label.CURRENT,
                       cas: int | None = None, metadata: MetadataUpdate | None = None) -> int:
-        if self.master_key.key_id != self.store_key_id:
-            raise WrongMasterKey(
-                f"store {self.path} is sealed by master key '{self.store_key_id}', "
-                f"but the configured master key is '{self.master_key.key_id}'",
-                "point encryption.key_file (or the provider) at the key that created this store",
-            )
         now = self._clock()
         payload = encode_value(value)
         with self._write(name) as db:
+            sealing_key = self._sealing_key(db)
             row = db.execute(
                 "SELECT next_version, deleted FROM secrets WHERE name = ?", (name,)
             ).fetchone()
@@ -273,7 +322,7 @@ class LocalBackend:
                         f"good with 'secretfs secrets rm {name} --destroy'",
                     )
                 check_write(name, self._labels(db, name), label=label, cas=cas)
-            sealed = seal(self.master_key, payload, associated_data(name, version))
+            sealed = seal(sealing_key, payload, associated_data(name, version))
             db.execute(
                 "INSERT INTO versions (name, version, created, is_map, keys, sizes, key_id, "
                 "wrapped_key, nonce, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -504,11 +553,12 @@ class LocalBackend:
                 f"version {version} of {name!r} is deleted",
                 f"undelete it with 'secretfs secrets undelete {name} --version {version}'",
             )
+        what = f"version {version} of {name!r}"
         payload = open_sealed(
-            self.master_key,
+            self._opening_key(key_id, what),
             SealedValue(key_id, wrapped_key, nonce, ciphertext),
             associated_data(name, version),
-            what=f"version {version} of {name!r}",
+            what=what,
         )
         return decode_value(payload, bool(is_map))
 
@@ -530,6 +580,85 @@ class LocalBackend:
             return newest, {
                 row[0] for row in db.execute("SELECT name FROM changes WHERE seq > ?", (cursor,))
             }
+
+    # -- master keys (crypto/rotate.py) -----------------------------------------------------------
+
+    def key_usage(self) -> dict[str, int]:
+        """How many stored versions have their data key wrapped by each master key id
+        (destroyed versions keep no data key and count for none)."""
+        with self._lock:
+            return dict(self._db.execute(
+                "SELECT key_id, count(*) FROM versions WHERE wrapped_key IS NOT NULL "
+                "GROUP BY key_id"))
+
+    def store_info(self) -> dict[str, str]:
+        """The store's own facts (schema version, current master key id, created), and what it
+        remembers of each master key as ``key:<id>`` → JSON (:meth:`record_keys`)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT key, value FROM store_info"))
+
+    def key_records(self) -> dict[str, dict[str, Any]]:
+        """``{key id: {"created": …, "provider": …, "retired": …}}`` as :meth:`record_keys`
+        left them."""
+        return {key[4:]: json.loads(value) for key, value in self.store_info().items()
+                if key.startswith("key:")}
+
+    def record_keys(self, records: Mapping[str, Mapping[str, Any]]) -> str:
+        """In one transaction: merge *records* into the store's key records (a recorded
+        ``created`` is kept), and move the store's current master key id to the ring's current
+        key when the ring also holds the recorded one (:meth:`_fence`). Returns the store's
+        current master key id."""
+        with self._write() as db:
+            stored = db.execute(
+                "SELECT value FROM store_info WHERE key = 'master_key_id'").fetchone()[0]
+            stored = self._fence(db, stored)
+            for key_id, fields in records.items():
+                row = db.execute("SELECT value FROM store_info WHERE key = ?",
+                                 ("key:" + key_id,)).fetchone()
+                merged = json.loads(row[0]) if row else {}
+                for field, value in fields.items():
+                    if field != "created" or field not in merged:
+                        merged[field] = value
+                db.execute(
+                    "INSERT INTO store_info (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                    "DO UPDATE SET value = excluded.value",
+                    ("key:" + key_id, json.dumps(merged, sort_keys=True)),
+                )
+        self.store_key_id = stored
+        return stored
+
+    def rewrap(self, old: MasterKey, new: MasterKey, *, after: int = 0, limit: int = 500
+               ) -> tuple[int, int]:
+        """Re-wrap under *new*, in one transaction, up to *limit* data keys that *old* wraps
+        (versions rows past rowid *after*, in rowid order). Ciphertexts are not touched: only
+        ``key_id`` and ``wrapped_key`` change, and only where ``key_id`` is still *old*.
+        Returns (how many were re-wrapped, the last rowid seen) — the next batch's *after*."""
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT rowid, name, version, wrapped_key FROM versions WHERE rowid > ? AND "
+                "key_id = ? AND wrapped_key IS NOT NULL ORDER BY rowid LIMIT ?",
+                (after, old.key_id, limit),
+            ).fetchall()
+            updates = []
+            for rowid, name, version, wrapped in rows:
+                try:
+                    data_key = old.unwrap(wrapped)
+                except IntegrityError:
+                    data_key = b""
+                if len(data_key) != DATA_KEY_SIZE:
+                    raise IntegrityError(
+                        f"store integrity error: the data key of version {version} of {name!r} "
+                        "failed authentication, so it cannot be re-wrapped",
+                        f"restore the store from a backup, or destroy that version "
+                        f"('secretfs secrets rm {name} --version {version} --destroy') and run "
+                        "'secretfs keys rotate' again",
+                    )
+                updates.append((new.key_id, new.wrap(data_key), rowid, old.key_id))
+            db.executemany(
+                "UPDATE versions SET key_id = ?, wrapped_key = ? WHERE rowid = ? AND key_id = ?",
+                updates,
+            )
+        return len(rows), rows[-1][0] if rows else after
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -600,3 +729,116 @@ class LocalBackend:
             deleted=deleted is not None,
         )
 
+    # -- backup and restore (secretfs/backup.py) ---------------------------------------------
+    # The methods above work on live secrets, one operation at a time. These two read and
+    # write a whole store as it is — soft-deleted secrets, deleted and destroyed versions,
+    # version numbers and timestamps included — as plain records:
+    #   {name, description, tags, rotation (JSON or None), created, updated, next_version,
+    #    deleted (time or None), labels {label: version}, rotation_state (dict or None),
+    #    versions: [{version, created, is_map, keys, sizes, deleted, destroyed,
+    #                value: the encode_value bytes, or None once destroyed}]}
+
+    def export_secrets(self) -> Iterator[dict[str, object]]:
+        """Every secret as a record (above), values decrypted, in name order, from one
+        consistent snapshot: a read transaction on a connection of its own, so neither this
+        object's lock nor other processes' writers wait for the consumer."""
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            db.execute("BEGIN")
+            rows = db.execute(
+                "SELECT name, description, tags, rotation, created, updated, next_version, "
+                "deleted FROM secrets ORDER BY name").fetchall()
+            for name, description, tags, rotation, created, updated, next_version, deleted \
+                    in rows:
+                versions = []
+                for (version, v_created, is_map, keys, sizes, key_id, wrapped_key, nonce,
+                     ciphertext, v_deleted, destroyed) in db.execute(
+                        "SELECT version, created, is_map, keys, sizes, key_id, wrapped_key, "
+                        "nonce, ciphertext, deleted, destroyed FROM versions WHERE name = ? "
+                        "ORDER BY version", (name,)).fetchall():
+                    value = None
+                    if destroyed is None and wrapped_key is not None:
+                        what = f"version {version} of {name!r}"
+                        value = open_sealed(
+                            self._opening_key(key_id, what),
+                            SealedValue(key_id, wrapped_key, nonce, ciphertext),
+                            associated_data(name, version), what=what)
+                    versions.append({
+                        "version": version, "created": v_created, "is_map": bool(is_map),
+                        "keys": json.loads(keys), "sizes": json.loads(sizes),
+                        "deleted": v_deleted,
+                        "destroyed": destroyed if destroyed is not None or value is not None
+                        else (v_deleted or updated),
+                        "value": value,
+                    })
+                labels = dict(db.execute(
+                    "SELECT label, version FROM labels WHERE name = ? ORDER BY label", (name,)))
+                state = db.execute(
+                    "SELECT version, step, owner, started, updated FROM rotations "
+                    "WHERE name = ?", (name,)).fetchone()
+                yield {
+                    "name": name, "description": description, "tags": json.loads(tags),
+                    "rotation": json.loads(rotation) if rotation else None,
+                    "created": created, "updated": updated, "next_version": next_version,
+                    "deleted": deleted, "labels": labels,
+                    "rotation_state": None if state is None else dict(zip(
+                        ("version", "step", "owner", "started", "updated"), state, strict=True)),
+                    "versions": versions,
+                }
+        finally:
+            db.close()  # ends the read transaction
+
+    def restore_secrets(self, records: Iterator[Mapping[str, object]]) -> int:
+        """Insert every record (above) exactly as given — names, version numbers, times,
+        labels, flags — into this store, which must hold no secret at all (soft-deleted ones
+        count), in ONE transaction: an exception from *records* (a damaged archive found on the
+        way) or from here rolls everything back. Values are sealed anew under this store's
+        master key. The number of secrets written. Records are trusted to be consistent
+        (secretfs/backup.py checks them); versions beyond max_versions are kept."""
+        count = 0
+        with self._write() as db:
+            sealing_key = self._sealing_key(db)
+            if db.execute("SELECT 1 FROM secrets LIMIT 1").fetchone() is not None:
+                raise ConflictError(
+                    f"the store {self.path} is not empty: restore only fills an empty store",
+                    "point --config at a new store (then 'secretfs init'), or move this one "
+                    "away first")
+            for record in records:
+                name = record["name"]
+                self._check_folder_conflict(db, name)
+                rotation = record["rotation"]
+                db.execute(
+                    "INSERT INTO secrets (name, description, tags, rotation, created, updated, "
+                    "next_version, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, record["description"], json.dumps(record["tags"], sort_keys=True),
+                     None if rotation is None else json.dumps(rotation), record["created"],
+                     record["updated"], record["next_version"], record["deleted"]))
+                for item in record["versions"]:
+                    version, value = item["version"], item["value"]
+                    sealed = None if value is None else seal(
+                        sealing_key, value, associated_data(name, version))
+                    db.execute(
+                        "INSERT INTO versions (name, version, created, is_map, keys, sizes, "
+                        "key_id, wrapped_key, nonce, ciphertext, deleted, destroyed) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, version, item["created"], item["is_map"],
+                         json.dumps(item["keys"]), json.dumps(item["sizes"]),
+                         *((None,) * 4 if sealed is None else (
+                             sealed.key_id, sealed.wrapped_key, sealed.nonce,
+                             sealed.ciphertext)),
+                         item["deleted"], item["destroyed"]))
+                db.executemany(
+                    "INSERT INTO labels (name, label, version) VALUES (?, ?, ?)",
+                    [(name, label, version) for label, version in record["labels"].items()])
+                state = record["rotation_state"]
+                if state is not None:
+                    db.execute(
+                        "INSERT INTO rotations (name, version, step, owner, started, updated) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (name, state["version"], state["step"], state["owner"],
+                         state["started"], state["updated"]))
+                db.execute("INSERT INTO changes (name) VALUES (?)", (name,))
+                count += 1
+            db.execute("DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
+                       (CHANGE_FEED_LENGTH,))
+        return count

@@ -13,6 +13,11 @@ A master key does one thing: wrap and unwrap the per-version data keys of
 Key files are treated like ssh private keys: a key file that is a symbolic link, not a regular
 file, not owned by the user running secretfs, or open to group or others is refused, not used.
 
+A store may need more than one master key at a time: while ``secretfs keys rotate``
+(crypto/rotate.py) is unfinished, some data keys are wrapped by the old key and some by the new
+one. So these providers load a :class:`MasterKeyRing` (:class:`KeySlots` says where its keys
+are): the current key wraps, every key of the ring unwraps the data keys that name its id.
+
 The scrypt, getpass, json and keyring imports happen inside the providers that use them, so that
 loading a key from a file stays fast.
 """
@@ -37,19 +42,29 @@ if TYPE_CHECKING:
     from secretfs.config import EncryptionConfig
 
 __all__ = [
+    "CARRIED_PURPOSES",
+    "LOCAL_PROVIDERS",
     "PROVIDERS",
+    "KeySlots",
     "LocalMasterKey",
     "MasterKey",
+    "MasterKeyRing",
     "configured_master_key",
     "create_key_file",
+    "load_key_ring",
     "load_master_key",
 ]
 
 MASTER_KEY_SIZE = 32
 REMOTE_PROVIDERS = {"openbao_transit": "key_name", "aws_kms": "key_id"}
 """Providers whose key stays in a service (crypto/remote.py), and the setting that names it."""
-PROVIDERS = ("file", "passphrase", "keyring", *REMOTE_PROVIDERS)
+LOCAL_PROVIDERS = ("file", "passphrase", "keyring")
+"""Providers whose key is 32 bytes in this process: they load a :class:`MasterKeyRing`."""
+PROVIDERS = (*LOCAL_PROVIDERS, *REMOTE_PROVIDERS)
 """The providers this version implements."""
+CARRIED_PURPOSES = (b"audit log v1",)
+"""The purposes of :meth:`MasterKey.derive_key` whose keys survive a master-key rotation: they
+stay derived from the store's first master key, kept wrapped by the current one (KeySlots)."""
 
 _KEY_ID_LABEL = b"secretfs master key id"
 _MAX_KEY_FILE_BYTES = 4096
@@ -137,20 +152,19 @@ def _key_id(key: bytes) -> str:
 
 
 def load_master_key(provider: str, key_file: Path, *, create: bool,
-                    remote_key: str | None = None) -> MasterKey:
+                    remote_key: str | None = None, passphrase: str | None = None) -> MasterKey:
     """Load the master key from ``provider``; with ``create``, make it first if there is none.
 
     ``create=True`` is idempotent and safe against concurrent callers: every caller ends up with
     the same key. With ``create=False`` a missing key is a :class:`StoreError` that tells the user
     to run ``secretfs init``.
+
+    The local providers return a :class:`MasterKeyRing` (one key, or two while a rotation is
+    unfinished); *passphrase*, for the ``passphrase`` provider, saves asking for it.
     """
     key_file = Path(key_file)
-    if provider == "file":
-        return _load_file_key(key_file, create=create)
-    if provider == "passphrase":
-        return _load_passphrase_key(key_file, create=create)
-    if provider == "keyring":
-        return _load_keyring_key(key_file, create=create)
+    if provider in LOCAL_PROVIDERS:
+        return load_key_ring(provider, key_file, create=create, passphrase=passphrase)
     if provider in REMOTE_PROVIDERS:
         setting = REMOTE_PROVIDERS[provider]
         if not remote_key:
@@ -232,25 +246,52 @@ def _decode_key(data: bytes | str, where: str) -> bytes:
 # -- passphrase provider ----------------------------------------------------------------------
 
 
-def _load_passphrase_key(path: Path, *, create: bool) -> LocalMasterKey:
+class _Passphrase:
+    """The passphrase, asked for at most once: a rotation's two keys share it."""
+
+    __slots__ = ("_path", "_value")
+
+    def __init__(self, path: Path, value: str | None = None) -> None:
+        self._path = path
+        self._value = value
+
+    def __call__(self, *, confirm: bool = False) -> str:
+        if self._value is None:
+            self._value = _get_passphrase(self._path, confirm=confirm)
+        return self._value
+
+    def __repr__(self) -> str:
+        return "_Passphrase(<hidden>)"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a passphrase cannot be pickled")
+
+
+def _scrypt_params_file() -> bytes:
+    """A new passphrase parameters file: the default scrypt costs and a fresh salt."""
     import json
 
+    params = {"kdf": "scrypt", **_SCRYPT_DEFAULTS,
+              "salt": base64.b64encode(os.urandom(_SALT_SIZE)).decode()}
+    return json.dumps(params).encode() + b"\n"
+
+
+def _load_passphrase_key(path: Path, *, create: bool,
+                         ask: _Passphrase | None = None) -> LocalMasterKey:
+    ask = ask or _Passphrase(path)
     data = _read_private_file(path)
     if data is None:
         if not create:
             raise _no_master_key(str(path))
         # Ask before writing, so that a failed prompt leaves nothing half-made behind.
-        passphrase = _get_passphrase(path, confirm=True)
-        params: dict[str, Any] = {
-            "kdf": "scrypt",
-            **_SCRYPT_DEFAULTS,
-            "salt": base64.b64encode(os.urandom(_SALT_SIZE)).decode(),
-        }
-        if not _create_private_file(path, json.dumps(params).encode() + b"\n"):
-            params = _parse_scrypt_params(path, _read_after_lost_race(path))
+        passphrase = ask(confirm=True)
+        content = _scrypt_params_file()
+        if not _create_private_file(path, content):
+            content = _read_after_lost_race(path)
+        params = _parse_scrypt_params(path, content)
     else:
         params = _parse_scrypt_params(path, data)
-        passphrase = _get_passphrase(path, confirm=False)
+        passphrase = ask(confirm=False)
     return LocalMasterKey(_derive(passphrase, params))
 
 
@@ -330,16 +371,26 @@ def _get_passphrase(path: Path, *, confirm: bool) -> str:
 # -- keyring provider -------------------------------------------------------------------------
 
 
-def _load_keyring_key(key_file: Path, *, create: bool) -> LocalMasterKey:
+def _keychain() -> tuple[Any, str]:
+    """The keyring backend, and its name for messages."""
     import keyring
 
-    username = "master-key:" + str(key_file.resolve())
-    entry = f"keyring entry '{_KEYRING_SERVICE}' / '{username}'"
     try:
         backend = keyring.get_keyring()
-        backend_name = str(getattr(backend, "name", type(backend).__name__))
+        return backend, str(getattr(backend, "name", type(backend).__name__))
     except Exception as exc:
         _raise_keyring_error("(backend unknown)", exc, "")
+
+
+def _keyring_username(key_file: Path, suffix: str = "") -> str:
+    """The keychain entry (username) a key file path names; *suffix* for a rotation's keys."""
+    return "master-key:" + str(key_file.resolve()) + suffix
+
+
+def _load_keyring_key(key_file: Path, *, create: bool) -> LocalMasterKey:
+    username = _keyring_username(key_file)
+    entry = f"keyring entry '{_KEYRING_SERVICE}' / '{username}'"
+    backend, backend_name = _keychain()
     try:
         stored = backend.get_password(_KEYRING_SERVICE, username)
     except Exception as exc:
@@ -382,6 +433,363 @@ def _raise_keyring_error(backend_name: str, exc: Exception, secret: str) -> NoRe
             "check that the keychain is running and unlocked, or set encryption.provider to 'file'"
         )
     raise StoreError(f"the keyring backend '{backend_name}' failed: {detail}", fix) from None
+
+
+# -- key slots and the ring -------------------------------------------------------------------
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+class KeySlots:
+    """Where a local provider keeps the master keys of one store (see docs/encryption.md).
+
+    - ``current``: ``encryption.key_file`` — the key (``file``), its scrypt salt
+      (``passphrase``), or the name of the keychain entry (``keyring``).
+    - ``next``: ``<key_file>.next`` (keyring: the entry ``master-key:<key_file>.next``) — the new
+      key of an unfinished rotation. While it exists it is the current key, and the key in
+      ``current`` only unwraps what it still wraps.
+    - ``retired``: the folder ``<key_file>.retired/`` (keyring: entries
+      ``master-key:<key_file>.retired/<key id>``) — keys that no stored version needs any more,
+      kept only to open backups made before their rotation. Nothing loads keys from there.
+    - ``carried``: ``<key_file>.derived`` — the keys of :data:`CARRIED_PURPOSES` (the audit log's
+      MAC key), derived from the store's first master key and kept wrapped by each key loaded,
+      so that they outlive a rotation. It does not exist before the first rotation.
+    - ``lock``: ``<key_file>.lock``, held by a rotation.
+    """
+
+    def __init__(self, provider: str, key_file: Path) -> None:
+        if provider not in LOCAL_PROVIDERS:
+            raise ValueError(f"no key slots for provider {provider!r}")
+        self.provider = provider
+        self.current = Path(key_file)
+        self.next = _sibling(self.current, ".next")
+        self.retired = _sibling(self.current, ".retired")
+        self.carried = _sibling(self.current, ".derived")
+        self.lock = _sibling(self.current, ".lock")
+
+    # -- where ------------------------------------------------------------------------------
+
+    def _suffix(self, path: Path) -> str:
+        return str(path)[len(str(self.current)):]
+
+    def where(self, path: Path) -> str:
+        """*path* as a user finds it: the file, or the keychain entry."""
+        if self.provider == "keyring":
+            return (f"keyring entry '{_KEYRING_SERVICE}' / "
+                    f"'{_keyring_username(self.current, self._suffix(path))}'")
+        return str(path)
+
+    def retired_path(self, key_id: str) -> Path:
+        return self.retired / key_id
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_raw(self, path: Path) -> bytes | None:
+        """What *path* holds (key, salt file, or keychain entry), or None if nothing."""
+        if self.provider != "keyring":
+            return _read_private_file(path)
+        backend, backend_name = _keychain()
+        try:
+            stored = backend.get_password(_KEYRING_SERVICE,
+                                          _keyring_username(self.current, self._suffix(path)))
+        except Exception as exc:
+            _raise_keyring_error(backend_name, exc, "")
+        return None if stored is None else stored.encode()
+
+    def key_of(self, path: Path, raw: bytes, ask: _Passphrase) -> LocalMasterKey:
+        if self.provider == "passphrase":
+            return LocalMasterKey(_derive(ask(), _parse_scrypt_params(path, raw)))
+        return LocalMasterKey(_decode_key(raw, self.where(path)))
+
+    def load(self, path: Path, ask: _Passphrase) -> LocalMasterKey | None:
+        raw = self.read_raw(path)
+        return None if raw is None else self.key_of(path, raw, ask)
+
+    def load_current(self, *, create: bool, ask: _Passphrase) -> LocalMasterKey:
+        """The key in ``current``, made first with *create* (safe against racing creators)."""
+        if self.provider == "file":
+            return _load_file_key(self.current, create=create)
+        if self.provider == "passphrase":
+            return _load_passphrase_key(self.current, create=create, ask=ask)
+        return _load_keyring_key(self.current, create=create)
+
+    def ring(self, *, create: bool = False, passphrase: str | None = None) -> MasterKeyRing:
+        """The keys a store may need now: ``next`` (if a rotation is unfinished), then
+        ``current``. ``current`` is made (with *create*) only when no rotation is under way:
+        a missing old key must stay missing, and say so, not be replaced by a third key."""
+        ask = _Passphrase(self.current, passphrase)
+        new = self.load(self.next, ask)
+        if new is None:
+            base: LocalMasterKey | None = self.load_current(create=create, ask=ask)
+            keys = [base]
+        else:
+            base = self.load(self.current, ask)
+            keys = [new] if base is None or base.key_id == new.key_id else [new, base]
+        can_reload = self.provider != "passphrase" or passphrase is not None \
+            or bool(os.environ.get(_PASSPHRASE_ENV))
+        return MasterKeyRing(keys, base=base, carried=self.read_carried(), slots=self,
+                             rotating=new is not None,
+                             reload=(lambda: self.ring(passphrase=passphrase)) if can_reload
+                             else None)
+
+    def read_carried(self) -> dict[bytes, dict[str, bytes]]:
+        """``{purpose: {key id: wrapped key}}`` from the ``carried`` file ({} if none)."""
+        data = _read_private_file(self.carried)
+        if data is None:
+            return {}
+        import json
+
+        def bad() -> StoreError:
+            return StoreError(f"{self.carried} is not a secretfs derived-keys file",
+                              "restore it from your backup: the audit log is verified with it")
+
+        try:
+            document = json.loads(data)
+            carried = {
+                purpose.encode(): {key_id: base64.b64decode(wrapped, validate=True)
+                                   for key_id, wrapped in entries.items()}
+                for purpose, entries in document["keys"].items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            raise bad() from None
+        if document.get("format") != 1:
+            raise bad()
+        return carried
+
+    # -- writing (a rotation, crypto/rotate.py) ------------------------------------------------
+
+    def create_next(self, ask: _Passphrase) -> bool:
+        """Make a new random key in ``next``, durably; False if one is already there.
+
+        The key is on disk (file and folder fsynced) before this returns, so a version may
+        refer to it. ``passphrase``: a new salt under the same passphrase (a new key).
+        """
+        if self.provider == "file":
+            return _create_private_file(self.next, _encode_key(os.urandom(MASTER_KEY_SIZE)))
+        if self.provider == "passphrase":
+            ask()  # ask before writing: a failed prompt leaves nothing half-made
+            return _create_private_file(self.next, _scrypt_params_file())
+        if self.read_raw(self.next) is not None:
+            return False
+        self._keyring_set(self.next, base64.b64encode(os.urandom(MASTER_KEY_SIZE)).decode())
+        return True
+
+    def retire(self, key: LocalMasterKey, ask: _Passphrase) -> str:
+        """Keep a copy of the key in ``current`` (which must be *key*) under ``retired``;
+        return where. Idempotent. Must happen before :meth:`promote` overwrites ``current``."""
+        target = self.retired_path(key.key_id)
+        existing = self.read_raw(target)
+        if existing is not None:
+            return self.where(target)
+        raw = self.read_raw(self.current)
+        if raw is None or self.key_of(self.current, raw, ask).key_id != key.key_id:
+            raise StoreError(f"{self.where(self.current)} no longer holds master key "
+                             f"'{key.key_id}'", "restore it, then run 'secretfs keys rotate' "
+                             "again")
+        if self.provider == "keyring":
+            self._keyring_set(target, raw.decode())
+        else:
+            _make_private_dirs(self.retired)
+            _fsync_dir(self.retired.parent)  # the folder's own entry, before promote() needs it
+            _create_private_file(target, raw)
+        return self.where(target)
+
+    def promote(self) -> None:
+        """Make ``next`` the ``current`` key; no-op when it already is."""
+        if self.provider != "keyring":
+            try:
+                os.replace(self.next, self.current)  # atomic: current is old or new, never none
+            except FileNotFoundError:
+                return  # a racing or earlier run promoted it
+            _fsync_dir(self.current.parent)
+            return
+        raw = self.read_raw(self.next)
+        if raw is None:
+            return
+        if self.read_raw(self.current) != raw:
+            self._keyring_set(self.current, raw.decode())
+        backend, backend_name = _keychain()
+        try:
+            backend.delete_password(_KEYRING_SERVICE,
+                                    _keyring_username(self.current, self._suffix(self.next)))
+        except Exception as exc:
+            _raise_keyring_error(backend_name, exc, "")
+
+    def write_carried(self, carried: dict[bytes, dict[str, bytes]]) -> None:
+        """Replace the ``carried`` file atomically and durably."""
+        import json
+
+        document = {"format": 1, "keys": {
+            purpose.decode(): {key_id: base64.b64encode(wrapped).decode()
+                               for key_id, wrapped in sorted(entries.items())}
+            for purpose, entries in carried.items()}}
+        _replace_private_file(self.carried, json.dumps(document, sort_keys=True).encode() + b"\n")
+
+    def retired_ids(self) -> list[str]:
+        """Key ids under ``retired`` (files only: a keychain cannot be listed)."""
+        if self.provider == "keyring":
+            return []
+        try:
+            return sorted(p.name for p in self.retired.iterdir() if p.name.startswith("mk-"))
+        except OSError:
+            return []
+
+    def _keyring_set(self, path: Path, encoded: str) -> None:
+        backend, backend_name = _keychain()
+        username = _keyring_username(self.current, self._suffix(path))
+        try:
+            backend.set_password(_KEYRING_SERVICE, username, encoded)
+            stored = backend.get_password(_KEYRING_SERVICE, username)
+        except Exception as exc:
+            _raise_keyring_error(backend_name, exc, encoded)
+        if stored != encoded:
+            raise StoreError(
+                f"the keyring backend '{backend_name}' did not keep the key written to "
+                f"{self.where(path)}", "use a keychain that stores passwords")
+
+
+class MasterKeyRing:
+    """The master keys of one store, by key id: the first (current) one wraps new data keys;
+    the others — the old key of an unfinished rotation — only unwrap what names them.
+
+    It is itself a :class:`MasterKey` (``key_id``, ``wrap``, ``unwrap`` are the current key's),
+    so code that knows one key keeps working; the local backend asks :meth:`key_for` the key a
+    stored version names. A long-running process (the daemon) whose ring lacks a key id that
+    the store now names reloads the ring from its slots (at most once a second): a rotation
+    run by another process is picked up without a restart.
+    """
+
+    __slots__ = ("_lock", "_missing", "_reload", "_state", "slots")
+
+    def __init__(self, keys: list[LocalMasterKey] | tuple[MasterKey, ...], *,
+                 base: MasterKey | None = None,
+                 carried: dict[bytes, dict[str, bytes]] | None = None,
+                 slots: KeySlots | None = None, rotating: bool = False,
+                 reload: Any = None) -> None:
+        if not keys:
+            raise ValueError("a key ring needs a key")
+        import threading
+
+        self._state = (tuple(keys), base, dict(carried or {}), rotating)
+        self._reload = reload
+        self._missing: dict[str, float] = {}  # key id → when a reload last failed to find it
+        self._lock = threading.Lock()
+        self.slots = slots
+
+    @property
+    def current(self) -> MasterKey:
+        return self._state[0][0]
+
+    @property
+    def key_id(self) -> str:
+        return self._state[0][0].key_id
+
+    @property
+    def keys(self) -> tuple[MasterKey, ...]:
+        return self._state[0]
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(key.key_id for key in self._state[0])
+
+    @property
+    def base(self) -> MasterKey | None:
+        """The key in ``key_file`` (the old key while a rotation is unfinished), if present."""
+        return self._state[1]
+
+    @property
+    def carried(self) -> dict[bytes, dict[str, bytes]]:
+        return self._state[2]
+
+    @property
+    def rotating(self) -> bool:
+        """Whether a rotation is unfinished (its new key was found in the ``next`` slot)."""
+        return self._state[3]
+
+    def wrap(self, data_key: bytes) -> bytes:
+        return self.current.wrap(data_key)
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        return self.current.unwrap(wrapped)
+
+    def key_for(self, key_id: str, *, reload: bool = True) -> MasterKey | None:
+        """The key with *key_id*; if none, reload the ring and look again. A key id a reload
+        did not find is looked for again at most once a second."""
+        for key in self._state[0]:
+            if key.key_id == key_id:
+                return key
+        if not reload or self._reload is None:
+            return None
+        if time.monotonic() - self._missing.get(key_id, -1e9) < 1.0:
+            return None
+        self.refresh()
+        for key in self._state[0]:
+            if key.key_id == key_id:
+                return key
+        if len(self._missing) > 100:
+            self._missing.clear()
+        self._missing[key_id] = time.monotonic()
+        return None
+
+    def refresh(self) -> None:
+        """Load the keys again from their slots (a rotation run by another process)."""
+        if self._reload is None:
+            return
+        with self._lock:
+            self._state = self._reload()._state
+
+    def derive_key(self, purpose: bytes) -> bytes:
+        """The key for *purpose*: the carried one (unwrapped by whichever loaded key wrapped
+        it) once a rotation has carried it, else derived from the key in ``key_file``."""
+        keys, base, carried, _ = self._state
+        entries = carried.get(purpose)
+        if entries:
+            for key in keys:
+                if key.key_id in entries:
+                    return key.unwrap(entries[key.key_id])
+            where = self.slots.carried if self.slots else "the derived-keys file"
+            raise StoreError(
+                f"{where} keeps the {purpose.decode()} key for master key(s) "
+                f"{', '.join(sorted(entries))}, none of them loaded "
+                f"(loaded: {', '.join(self.key_ids)})",
+                "restore the master key file(s) and the derived-keys file from the same backup")
+        if base is None:
+            where = self.slots.where(self.slots.current) if self.slots else "key_file"
+            raise StoreError(
+                f"the {purpose.decode()} key derives from the master key at {where}, "
+                "which is missing while a key rotation is unfinished",
+                "restore that key file from your backup, then run 'secretfs keys rotate'")
+        return base.derive_key(purpose)
+
+    def missing(self, key_id: str, what: str) -> StoreError:
+        """The error for *what* (a stored version) naming key *key_id*, which is not loaded."""
+        from secretfs.errors import WrongMasterKey
+
+        loaded = self.key_ids
+        if len(loaded) == 1:
+            said = f"but the configured master key is '{loaded[0]}'"
+        else:
+            said = f"but the loaded master keys are {', '.join(repr(k) for k in loaded)}"
+        fix = "point encryption.key_file (or the provider) at the key that created this store"
+        if self.rotating and self.slots is not None:
+            fix = (f"a key rotation is unfinished and its old key is not at "
+                   f"{self.slots.where(self.slots.current)}: restore that key from your backup, "
+                   "then run 'secretfs keys rotate' to finish")
+        return WrongMasterKey(f"{what} is sealed by master key '{key_id}', {said}", fix)
+
+    def __repr__(self) -> str:
+        return f"MasterKeyRing(key_ids={list(self.key_ids)!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a master key cannot be pickled")
+
+
+def load_key_ring(provider: str, key_file: Path, *, create: bool = False,
+                  passphrase: str | None = None) -> MasterKeyRing:
+    """The :class:`MasterKeyRing` of a local provider (see :class:`KeySlots`)."""
+    return KeySlots(provider, Path(key_file)).ring(create=create, passphrase=passphrase)
 
 
 # -- private files ----------------------------------------------------------------------------
@@ -488,6 +896,22 @@ def _create_private_file(path: Path, data: bytes) -> bool:
         tmp.unlink(missing_ok=True)
     _fsync_dir(parent)
     return True
+
+
+def _replace_private_file(path: Path, data: bytes) -> None:
+    """Write ``path`` (mode 0600) atomically: a fsynced temporary file renamed over it, then
+    the folder fsynced; a reader sees the old content or the new, never a mix."""
+    parent = path.parent
+    _make_private_dirs(parent)
+    tmp = parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    _write_exclusive(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc.strerror}",
+                         f"check that {parent} is writable by you") from None
+    _fsync_dir(parent)
 
 
 def _write_exclusive(path: Path, data: bytes) -> None:

@@ -5,9 +5,14 @@ answers (or prints why it did not); ``--foreground`` serves in the calling proce
 Type=notify wants, and READY=1 goes to $NOTIFY_SOCKET only once the mount answers.
 
 Inside, one trio nursery holds every task: pyfuse3's request loop, the caller cache's pidfd
-watcher, the change follower and the signal handler. SIGTERM/SIGINT end the request loop
-(``pyfuse3.terminate``), which cancels the rest and unmounts; SIGHUP reloads the configuration
-and keeps the old one if the new one does not validate.
+watcher, the change follower, the cache's expiry sweep and the signal handler. SIGTERM/SIGINT end
+the request loop (``pyfuse3.terminate``), which cancels the rest and unmounts; SIGHUP reloads the
+configuration and keeps the old one if the new one does not validate.
+
+Every backend read goes through the manager, bounded by ``secrets_manager.backend_timeout`` in
+an abandonable worker thread, so a backend that hangs costs a reader at most that long and never
+blocks the trio thread, the other readers or the shutdown. On the way out the open handles'
+snapshots and the cache's values are zeroed (best effort: docs/cache.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger("secretfs.daemon")
 
 READY_TIMEOUT = 30.0  # seconds the launching command waits for the daemon's mount to answer
 CHANGE_POLL_INTERVAL = 0.5  # how often the local store's change feed is read
+CACHE_EXPIRY_INTERVAL = 30.0  # how often entries past ttl + max_stale are dropped and wiped
 SWITCH_INTERVAL = 0.0001  # seconds a thread may hold the GIL while another waits (default 0.005)
 
 
@@ -178,13 +184,14 @@ def build_filesystem(config: Config) -> Any:
     sync = SyncSecretsManager(backend, access=access_control(config, os.geteuid()),
                               audit=open_audit(config, master_key_of(config, backend)),
                               rotation=config.manager.rotation)
-    manager = SecretsManager(sync, cache=cache)
+    manager = SecretsManager(sync, cache=cache, backend_timeout=config.manager.backend_timeout)
     callers = CallerCache()
 
     def status() -> dict[str, Any]:
         cache_stats = getattr(manager.cache, "stats", None)  # the cache may be reloaded
         return {"cache": cache_stats.to_json() if cache_stats else None,
-                "callers": callers.stats.to_json(), "backend_reads": manager.backend_reads}
+                "callers": callers.stats.to_json(), "backend_reads": manager.backend_reads,
+                "backend": manager.backend_status()}
 
     filesystem = SecretsFS(manager, callers, status=status)
     filesystem.read_ahead = config.manager.cache.read_ahead
@@ -212,6 +219,7 @@ async def serve(config_source: str | None, config: Config, mountpoint: Path,
             if hasattr(audit, "run"):  # the log flushes at least every second, and on the way out
                 nursery.start_soon(audit.run)
             nursery.start_soon(_follow_changes, filesystem)
+            nursery.start_soon(_expire_cache, filesystem)
             backend = filesystem.manager.sync.backend
             if "change_feed" not in getattr(backend, "capabilities", {"change_feed"}):
                 # other hosts write to it and it says nothing: look (cache.poll_interval)
@@ -228,7 +236,8 @@ async def serve(config_source: str | None, config: Config, mountpoint: Path,
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
-        filesystem.manager.close()
+        filesystem.wipe()  # open handles' snapshots and cached values, zeroed
+        filesystem.manager.close()  # (skipped while abandoned backend calls still run)
         log.info("unmounted %s", mountpoint)
 
 
@@ -261,6 +270,18 @@ async def _follow_changes(filesystem: Any) -> None:
         outage.succeeded()
 
 
+async def _expire_cache(filesystem: Any) -> None:
+    """Now and then drop (and zero) the cache entries past ``ttl + max_stale``: a value read
+    once is not kept in memory long after it can no longer be served."""
+    import trio
+
+    while True:
+        await trio.sleep(CACHE_EXPIRY_INTERVAL)
+        expire = getattr(filesystem.manager.cache, "expire", None)  # (NO_CACHE has none)
+        if expire is not None:
+            expire()
+
+
 async def _handle_signals(filesystem: Any, config_source: str | None) -> None:
     import pyfuse3
     import trio
@@ -285,7 +306,11 @@ def _reload(filesystem: Any, config_source: str | None) -> None:
         return
     from secretfs.access.policy import access_control
 
-    filesystem.manager.cache = cache_for(config)
+    old_cache, filesystem.manager.cache = filesystem.manager.cache, cache_for(config)
+    clear = getattr(old_cache, "clear", None)
+    if clear is not None:
+        clear()  # its values, zeroed
+    filesystem.manager.backend_timeout = config.manager.backend_timeout
     filesystem.read_ahead = config.manager.cache.read_ahead
     filesystem.manager.sync.access = access_control(config, os.geteuid())
     filesystem.manager.sync.rotation = config.manager.rotation

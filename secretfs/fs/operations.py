@@ -9,6 +9,12 @@ no request context in FUSE, which is why every decision is taken at open.
 Traps from DESIGN.md ("FUSE facts") that shape this file: no ``default_permissions`` (the
 daemon decides, and audits denials); never ENOSYS from open/opendir; any exception other than
 FUSEError kills the mount, so every handler converts the unexpected to EIO after logging it.
+
+Every backend call a handler makes goes through the manager, which bounds it by
+``secrets_manager.backend_timeout`` in a worker thread: the trio thread that answers the kernel
+never waits on a backend. Each open handle keeps its own copy of the bytes it serves (a
+``bytearray``), zeroed at release and when the daemon stops; ``read`` hands pyfuse3 a view of
+it, so no ``bytes`` copy of a value is made per read.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import pyfuse3
 
 from secretfs.access.callers import CallerCache
 from secretfs.access.principal import Caller
+from secretfs.cache import wipe
 from secretfs.errors import NotFound, SecretfsError
 from secretfs.fs.tree import STATUS_FOLDER, Kind, Node, Tree, resolve_word
 from secretfs.manager import SecretsManager
@@ -122,7 +129,7 @@ class SecretsFS(pyfuse3.Operations):
         self.timeouts = timeouts
         self.stats = FsStats()
         self._status = status or (lambda: {})
-        self._files: dict[int, bytes] = {}  # open file handle → its snapshot
+        self._files: dict[int, bytearray | bytes] = {}  # open file handle → its snapshot
         self._folders: dict[int, list[tuple[str, pyfuse3.EntryAttributes]]] = {}
         self._next_handle = 1
         self._cursor: int | None = None  # position in the backend's change feed
@@ -155,10 +162,17 @@ class SecretsFS(pyfuse3.Operations):
         """
         async with self._feed_lock:
             cursor, names = await self.manager.changes_since(self._cursor)
-            self._cursor = cursor
             if names is not None and not names:
+                self._cursor = cursor
                 return False
-            await self.changed(names)
+            try:
+                await self.changed(names)
+            except BaseException:
+                if names is None:  # the reload failed half-way: all of it again next time
+                    self._cursor = None
+                raise
+            if names is not None:  # (a reload took its own cursor)
+                self._cursor = cursor  # only now: a failure leaves these changes to retry
             return True
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
@@ -231,16 +245,42 @@ class SecretsFS(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.kind is Kind.SECRET:
-            metadata = await self._metadata(node)
-            if metadata is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+            # The kernel holds the parent folder's lock for the whole lookup (no parallel
+            # lookups in one FUSE folder), so a lookup in a folder of names — the root, above
+            # all — must not wait on the backend: the name is known from the index; metadata
+            # is used if cached, else loaded in the background for the lookup that follows
+            # (inside the secret's own folder, where waiting holds up only that secret).
+            cached = self.manager.cached_metadata(node.name)
+            if cached is None:
+                self.tree.handed_out(node.name, parent_inode, entry)
+                self._load_ahead(node, ctx)
+                return self._attributes(node, None, ctx)
+            metadata = cached
         if node.kind in (Kind.SECRET, Kind.VERSION, Kind.FILE):
             self.tree.handed_out(node.name, parent_inode, entry)
             self._read_ahead(node, metadata, ctx)
         return self._attributes(node, metadata, ctx)
 
+    def _load_ahead(self, node: Node, ctx: pyfuse3.RequestContext) -> None:
+        """Start loading a secret's metadata (then reading its value ahead, as
+        :meth:`_read_ahead`) in the background, unless it is being loaded already."""
+        if self._background is None or not self.manager.cache.wants(node.name, "metadata"):
+            return
+        caller = self._caller(ctx) if self.read_ahead else None
+
+        async def load() -> None:
+            try:
+                metadata = (await self.manager.metadata(node.name)).value
+                self._read_ahead(node, metadata, ctx, caller)
+            except SecretfsError:
+                pass  # the lookup that follows meets it, and reports it
+            except Exception:  # in the daemon's nursery: it must not take the mount down
+                log.exception("bug in loading the metadata of %r ahead", node.name)
+
+        self._background.start_soon(load)
+
     def _read_ahead(self, node: Node, metadata: SecretMetadata | None,
-                    ctx: pyfuse3.RequestContext) -> None:
+                    ctx: pyfuse3.RequestContext, caller: Caller | None = None) -> None:
         """A lookup inside a secret is most often a path walk on its way to an open
         (``db`` → ``latest`` → ``password``): start loading the value it leads to now, so the
         backend request overlaps the kernel's remaining lookups; the open joins the load
@@ -260,7 +300,8 @@ class SecretsFS(pyfuse3.Operations):
             return
         if not self.manager.wants_value(node.name, info.version):
             return
-        if self.manager.sync.access.check(self._caller(ctx), "read", node.name).allowed:
+        caller = caller or self._caller(ctx)
+        if self.manager.sync.access.check(caller, "read", node.name).allowed:
             self._background.start_soon(self.manager.read_ahead, node.name, info.version)
 
     @fuse_errors
@@ -379,15 +420,25 @@ class SecretsFS(pyfuse3.Operations):
         return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
     @fuse_errors
-    async def read(self, handle: int, offset: int, size: int) -> bytes:
+    async def read(self, handle: int, offset: int, size: int) -> memoryview:
         data = self._files.get(handle)
         if data is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return data[offset:offset + size]
+        # A view, not a copy: pyfuse3 takes any buffer and hands it to the kernel at once.
+        return memoryview(data)[offset:offset + size]
 
     @fuse_errors
     async def release(self, handle: int) -> None:
-        self._files.pop(handle, None)
+        wipe(self._files.pop(handle, None))
+
+    def wipe(self) -> None:
+        """Zero the snapshot of every open handle and every cached value (the daemon stops)."""
+        for data in self._files.values():
+            wipe(data)
+        self._files.clear()
+        clear = getattr(self.manager.cache, "clear", None)
+        if clear is not None:
+            clear()
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -530,14 +581,21 @@ class SecretsFS(pyfuse3.Operations):
             names = set(self.tree.index.names())
             await self.load_names()
             names |= set(self.tree.index.names())
-        for name in names:
+        for name in names:  # first, whatever happens next: nothing old is served as fresh
             self.manager.forget(name)
-            try:
-                await self.manager.metadata(name)
-                self.tree.index.add(name)
-            except NotFound:
-                self.tree.index.remove(name)
+        failure: SecretfsError | None = None
+        for name in names:
+            if failure is None:  # once the backend failed, do not wait on it per name
+                try:
+                    await self.manager.metadata(name)
+                    self.tree.index.add(name)
+                except NotFound:
+                    self.tree.index.remove(name)
+                except SecretfsError as error:  # the index keeps the name as it was
+                    failure = error
             self._invalidate_kernel(name)
+        if failure is not None:
+            raise failure
 
     def _invalidate_kernel(self, name: str) -> None:
         for parent, entry in self.tree.entries_of(name):

@@ -111,7 +111,9 @@ async def run_schedule(rotator: Rotator, *, on_change: Callable[[str], None] | N
     log = logging.getLogger("secretfs.rotation")
     while True:
         try:
-            results = await trio.to_thread.run_sync(rotator.run_due)
+            # Abandoned on cancel: a rotation stuck in a hung backend must not hold up the
+            # daemon's shutdown (its persisted state lets the next start resume or roll back).
+            results = await trio.to_thread.run_sync(rotator.run_due, abandon_on_cancel=True)
             wake = rotator.next_due
         except SecretfsError as error:  # the backend is down, say: try again later
             log.warning("rotation check failed: %s", error)
