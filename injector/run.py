@@ -188,16 +188,27 @@ class Watch:
 # -- secretfs inject ------------------------------------------------------------------------------
 
 
+MAX_TEMPLATE_BYTES = 16 * 1024 * 1024  # a configuration file, not a disk image
+
+
 def inject(template: str, output: str | None, *, force: bool = False, mount: str | None = None,
            config: str | None = None) -> int:
     """Render a template's ``{{ secretfs://… }}`` placeholders into *output* (created 0600),
     or to stdout when *output* is None or ``-``."""
     path = Path(template)
     try:
-        text = sys.stdin.read() if template == "-" else path.read_text(encoding="utf-8")
+        if template == "-":
+            raw = sys.stdin.buffer.read(MAX_TEMPLATE_BYTES + 1)
+        else:
+            with open(path, "rb") as file:
+                raw = file.read(MAX_TEMPLATE_BYTES + 1)
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"-i {template}: cannot read it ({getattr(error, 'strerror', error)})"
                          ) from None
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        raise UsageError(f"-i {template}: larger than {MAX_TEMPLATE_BYTES >> 20} MiB",
+                         "is it the right file?")
     refs = template_refs(text, template)
     source = open_source(mount, os.environ, config)
     try:

@@ -251,14 +251,16 @@ def _check_text(items: Any) -> None:
             raise UsageError(f"{flag}: not valid UTF-8 text") from None
 
 
-def _read_file(path: str) -> bytes:
+def _read_file(path: str, limit: int | None = None) -> bytes:
+    """At most *limit* + 1 bytes of *path* (default: one value's limit + 1): the caller tells
+    "too large" from "exactly the limit" by the length."""
     from secretfs.errors import UsageError
     from secretfs.model import MAX_VALUE_BYTES
 
     shown = path if path.isprintable() and len(path) <= 200 else repr(path[:200])
     try:
         with open(path, "rb") as file:
-            data = file.read(MAX_VALUE_BYTES + 1)
+            data = file.read((MAX_VALUE_BYTES if limit is None else limit) + 1)
     except OSError as error:
         raise UsageError(f"cannot read {shown}: {error.strerror}") from None
     except ValueError:  # a NUL in the path (only possible through main(argv))
@@ -509,13 +511,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_IMPORT_BYTES = 64 * 1024 * 1024  # a dotenv or JSON file of many secrets
+
+
 def cmd_import(args: argparse.Namespace) -> int:
+    from secretfs.errors import UsageError
     from secretfs.migrate import import_pairs, read_import
 
     kind = args.format or ("json" if args.file.endswith(".json") else "dotenv")
-    text = sys.stdin.read() if args.file == "-" else _read_file(args.file).decode(
-        "utf-8", "replace")
-    pairs = read_import(text, args.file, kind)
+    # Many secrets per file: bounded far above one value's 1 MiB, but bounded.
+    raw = (sys.stdin.buffer.read(MAX_IMPORT_BYTES + 1) if args.file == "-"
+           else _read_file(args.file, MAX_IMPORT_BYTES))
+    if len(raw) > MAX_IMPORT_BYTES:
+        raise UsageError(f"{args.file}: larger than {MAX_IMPORT_BYTES >> 20} MiB",
+                         "split it into several imports")
+    pairs = read_import(raw.decode("utf-8", "replace"), args.file, kind)
     with _manager(args) as manager:
         count = import_pairs(manager, pairs, args.prefix or "")
     print(f"imported {count} secrets")

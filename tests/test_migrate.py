@@ -100,3 +100,15 @@ def test_import_dotenv_and_json(tmp_path: Path) -> None:
     store.cli("secrets", "import", str(document), check=True)
     assert json.loads(store.get("db")) == {"user": "app", "password": "x"}
     assert store.get("flag") == b"true"
+
+
+def test_import_of_a_file_over_one_mebibyte_takes_every_secret(tmp_path: Path) -> None:
+    """An import file holds many secrets: it is not cut at one value's 1 MiB limit."""
+    store = make_store(tmp_path / "s")
+    document = tmp_path / "many.json"
+    values = {f"k{i:04d}": os.urandom(300).hex() for i in range(2000)}  # ~1.2 MiB of JSON
+    document.write_text(json.dumps(values))
+    assert document.stat().st_size > 1024 * 1024
+    done = store.cli("secrets", "import", str(document), check=True)
+    assert done.stdout == b"imported 2000 secrets\n"
+    assert store.get("k1999") == values["k1999"].encode()
