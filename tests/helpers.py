@@ -121,6 +121,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# For a test plugin that wraps the real local backend (a backend failing, hanging or silent on
+# demand): append to its source; its factory calls local_backend(config, create=create).
+LOCAL_BACKEND_IN_PLUGIN = '''
+
+def local_backend(config, *, create=False):
+    """The built-in local backend at this plugin's `path` option."""
+    import dataclasses
+    from pathlib import Path
+
+    from secretfs.backends import BUILT_IN
+
+    options = config.manager.backend.options
+    backend = dataclasses.replace(config.manager.backend, type="local",
+                                  path=Path(options["path"]), options={})
+    local = dataclasses.replace(config, manager=dataclasses.replace(config.manager,
+                                                                    backend=backend))
+    return BUILT_IN["local"](local, create=create)
+'''
+
+
 def install_plugin(folder: Path, module: str, source: str, entry_point: str) -> Path:
     """*source* as module *module* in *folder*, registered as backend *entry_point* the way an
     installed distribution is (a dist-info with entry_points.txt): put *folder* on PYTHONPATH."""

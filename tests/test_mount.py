@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import Store, eventually, install_plugin, make_store
+from tests.helpers import LOCAL_BACKEND_IN_PLUGIN, Store, eventually, install_plugin, make_store
 from tests.mounting import (
     Mount,
     as_user,
@@ -291,11 +291,8 @@ def test_labels_follow_puts_deletes_and_new_names(store: Store, mnt: Mount) -> N
 
 
 FLAKY_BACKEND = '''
-import dataclasses
 import os
-from pathlib import Path
 
-from secretfs.backends import BUILT_IN
 from secretfs.errors import BackendUnavailable
 
 
@@ -323,13 +320,9 @@ class Flaky:
 
 
 def factory(config, *, create=False):
-    options = config.manager.backend.options
-    backend = dataclasses.replace(config.manager.backend, type="local",
-                                  path=Path(options["path"]), options={})
-    local = dataclasses.replace(config, manager=dataclasses.replace(config.manager,
-                                                                    backend=backend))
-    return Flaky(BUILT_IN["local"](local, create=create), str(options["switch"]))
-'''
+    return Flaky(local_backend(config, create=create),
+                 str(config.manager.backend.options["switch"]))
+''' + LOCAL_BACKEND_IN_PLUGIN
 
 
 def test_backend_failure_serves_cached_values_stale_and_recovers(tmp_path: Path) -> None:

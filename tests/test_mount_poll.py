@@ -12,17 +12,14 @@ from pathlib import Path
 import pytest
 
 from secretfs.config import load_config
-from tests.helpers import install_plugin, make_store
+from tests.helpers import LOCAL_BACKEND_IN_PLUGIN, install_plugin, make_store
 from tests.mounting import mounted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="real mounts need root and /dev/fuse")
 
 SILENT_BACKEND = '''
-import dataclasses
-from pathlib import Path
 
-from secretfs.backends import BUILT_IN
 
 
 class Silent:
@@ -42,13 +39,8 @@ class Silent:
 
 
 def factory(config, *, create=False):
-    options = config.manager.backend.options
-    backend = dataclasses.replace(config.manager.backend, type="local",
-                                  path=Path(options["path"]), options={})
-    local = dataclasses.replace(config, manager=dataclasses.replace(config.manager,
-                                                                    backend=backend))
-    return Silent(BUILT_IN["local"](local, create=create))
-'''
+    return Silent(local_backend(config, create=create))
+''' + LOCAL_BACKEND_IN_PLUGIN
 
 
 def test_writes_made_elsewhere_appear_within_the_poll_interval(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import Store, eventually, install_plugin, make_store
+from tests.helpers import LOCAL_BACKEND_IN_PLUGIN, Store, eventually, install_plugin, make_store
 from tests.mounting import Mount, is_mounted, mounted, stop
 
 needs_mounts = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -36,13 +36,10 @@ BOUND = TIMEOUT + 1.0  # what a read that meets a hung backend may cost, at most
 QUICK = 0.5  # what a read that does not need the backend may cost, at most
 
 HANGING_BACKEND = '''
-import dataclasses
 import os
 import threading
 import time
-from pathlib import Path
 
-from secretfs.backends import BUILT_IN
 
 NEVER = threading.Event()  # never set: a call that waits on it never returns
 
@@ -73,13 +70,9 @@ class Hanging:
 
 
 def factory(config, *, create=False):
-    options = config.manager.backend.options
-    backend = dataclasses.replace(config.manager.backend, type="local",
-                                  path=Path(options["path"]), options={})
-    local = dataclasses.replace(config, manager=dataclasses.replace(config.manager,
-                                                                    backend=backend))
-    return Hanging(BUILT_IN["local"](local, create=create), str(options["switch"]))
-'''
+    return Hanging(local_backend(config, create=create),
+                   str(config.manager.backend.options["switch"]))
+''' + LOCAL_BACKEND_IN_PLUGIN
 
 
 def fresh() -> str:
