@@ -707,6 +707,14 @@ class SecretsManager:
         """Every live secret name, for the mount's tree (visibility is filtered per caller)."""
         return await self._ask(("names",), self.sync.backend.list_names)
 
+    async def candidate_names(self) -> list[str]:
+        """Every name that may be a live secret, as cheaply as the backend can list them: its
+        optional ``scan_names`` (OpenBao: the LISTs alone, soft-deleted names included, where
+        ``list_names`` reads each name's metadata too), else ``list_names``. For the poller,
+        which reads every listed name's metadata anyway."""
+        backend = self.sync.backend
+        return await self._ask(("names",), getattr(backend, "scan_names", backend.list_names))
+
     async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
         validate_name(name)
         self.sync.authorize(caller, "list", name, "info")

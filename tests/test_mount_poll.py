@@ -81,6 +81,7 @@ async def test_a_poll_renews_cached_metadata_past_its_ttl(tmp_path: Path) -> Non
     from secretfs.cache import TtlCache
     from secretfs.fs.operations import SecretsFS
     from secretfs.manager import SecretsManager, SyncSecretsManager
+    from secretfs.poll import MetadataPoller
     from tests.test_cache import FakeClock
 
     store = make_store(tmp_path / "s")
@@ -90,11 +91,12 @@ async def test_a_poll_renews_cached_metadata_past_its_ttl(tmp_path: Path) -> Non
     sync = SyncSecretsManager.from_config(load_config(str(store.config)))
     filesystem = SecretsFS(SecretsManager(sync, cache=cache), CallerCache())
     await filesystem.load_names()
-    seen: dict = {}
-    await filesystem._poll_once(0, seen)  # the first look
+    poller = MetadataPoller(filesystem.manager, known=lambda: set(filesystem.tree.index.names()),
+                            changed=filesystem.changed)
+    await poller.poll_once(0)  # the first look
     clock.advance(11)
     assert cache.peek("db", "metadata").stale
-    await filesystem._poll_once(0, seen)  # nothing changed, but the entry is renewed
+    await poller.poll_once(0)  # nothing changed, but the entry is renewed
     renewed = cache.peek("db", "metadata")
     assert renewed is not None and not renewed.stale and renewed.loaded_at == clock.now
     filesystem.manager.close()

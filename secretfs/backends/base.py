@@ -159,6 +159,10 @@ class Backend(Protocol):
         """Names of every live secret starting with *prefix*, sorted (cheaper than list)."""
         ...
 
+    # Optional: ``scan_names(prefix="") -> list[str]``, every name that *may* be a live secret
+    # (deleted ones may be included), when that is much cheaper than list_names. The metadata
+    # poller uses it, since it reads each name's metadata anyway (secretfs/poll.py).
+
     def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
         """The names changed since *cursor* (a value this method returned before), and the
         cursor to pass next time. None instead of names: anything may have changed (the first

@@ -948,6 +948,11 @@ class OpenBaoBackend:
                 names.append(name)
         return names
 
+    def scan_names(self, prefix: str = "") -> list[str]:
+        """Every KV secret name under *prefix*, soft-deleted ones included: the LISTs alone
+        (list_names also reads each name's metadata). The poller's listing (secretfs/poll.py)."""
+        return sorted(self._walk(prefix))
+
     def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
         if cursor is None:
             return 0, None

@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -514,62 +513,12 @@ class SecretsFS(pyfuse3.Operations):
     # -- freshness ----------------------------------------------------------------------------
 
     async def poll_metadata(self, interval: float) -> None:
-        """Follow a backend without a change feed (OpenBao, AWS: other hosts write to it) by
-        reading the metadata of what this host has listed — never values — and handing what
-        differs to :meth:`changed`.
+        """Follow a backend without a change feed by polling its metadata (secretfs/poll.py)."""
+        from secretfs.poll import MetadataPoller
 
-        One pass per *interval*, its reads spread evenly over it and the first one started at a
-        random offset, so a thousand hosts polling one backend do not arrive in the same second.
-        While the backend fails, passes wait with backoff (1 s doubling to a minute, jittered)
-        and the outage is logged once when it starts and once when it ends.
-        """
-        import random
-
-        import trio
-
-        backoff = Backoff()
-        seen: dict[str, SecretMetadata] = {}
-        await trio.sleep(random.uniform(0, interval))
-        while True:
-            try:
-                await self._poll_once(interval, seen)
-            except SecretfsError as error:
-                backoff.failed(error)
-                await trio.sleep(backoff.delay())
-                continue
-            backoff.succeeded()
-
-    async def _poll_once(self, interval: float, seen: dict[str, SecretMetadata]) -> None:
-        """One pass. *seen* is what the last passes found: compared with it, not with the
-        cache, because the cache may have reloaded a changed secret by itself (its ttl ran
-        out) without the kernel being told."""
-        import trio
-
-        known = set(self.tree.index.names())
-        listed = set(await self.manager.names())
-        if listed != known:
-            await self.changed(listed ^ known)
-        for gone in set(seen) - listed:
-            del seen[gone]
-        names = sorted(listed)
-        pause = interval / max(len(names), 1)
-        for name in names:
-            await trio.sleep(pause)
-            try:
-                fresh = await self.manager.fresh_metadata(name)
-            except NotFound:
-                seen.pop(name, None)
-                await self.changed({name})
-                continue
-            last = seen.get(name)
-            seen[name] = fresh
-            if last != fresh:  # or a first look: what the kernel holds may predate it
-                await self.changed({name})
-            elif self.manager.cache.wants(name, "metadata"):
-                # Keep what was just read (also over an entry past its ttl): the first open of
-                # this secret then costs one backend request (its value), as a direct read of
-                # the service would.
-                await self.manager.cache.get_or_load(name, "metadata", partial(_ready, fresh))
+        poller = MetadataPoller(self.manager, known=lambda: set(self.tree.index.names()),
+                                changed=self.changed)
+        await poller.run(interval)
 
     async def changed(self, names: set[str] | None) -> None:
         """Secrets changed in the backend: drop every cache that may hold the old state.
@@ -603,35 +552,3 @@ class SecretsFS(pyfuse3.Operations):
         for inode in self.tree.inodes_of(name):
             with contextlib.suppress(OSError):  # FileNotFoundError: the kernel forgot it
                 pyfuse3.invalidate_inode(inode)
-
-
-class Backoff:
-    """Retry delays while a backend is down: 1 s doubling to a minute, each jittered by ±20 %;
-    the outage logged when it begins and when it ends, not at every failed attempt."""
-
-    FIRST, LIMIT = 1.0, 60.0
-
-    def __init__(self) -> None:
-        self._next = self.FIRST
-        self.down = False
-
-    def failed(self, error: Exception) -> None:
-        if not self.down:
-            log.warning("backend unavailable: %s", error)
-            self.down = True
-
-    def delay(self) -> float:
-        import random
-
-        delay, self._next = self._next, min(self._next * 2, self.LIMIT)
-        return delay * random.uniform(0.8, 1.2)
-
-    def succeeded(self) -> None:
-        if self.down:
-            log.info("backend available again")
-        self.down, self._next = False, self.FIRST
-
-
-async def _ready(value: Any) -> Any:
-    """An already-loaded value, as the loader a cache expects."""
-    return value

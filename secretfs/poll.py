@@ -1,0 +1,143 @@
+"""Following a backend that has no change feed (OpenBao, AWS): poll its metadata.
+
+Other hosts write to such a backend and it tells nobody, so each daemon looks: one *pass* per
+``cache.poll_interval`` reads the metadata of every secret name it knows — never a value — and
+hands the names whose metadata differs from the last pass to a ``changed`` callback (the mount
+drops its caches and tells the kernel). What a pass costs the backend, per host, is what
+docs/scaling.md budgets: the names' listing (one LIST per folder for OpenBao) and one metadata
+read per secret, **spread evenly over the interval** with the first pass started at a random
+offset, so a thousand hosts polling one cluster do not arrive in the same second.
+
+While the backend fails, passes wait with backoff (1 s doubling to a minute, jittered) and the
+outage is logged once when it starts and once when it ends.
+
+The poller needs a manager and two callables, not a mount, so ``benchmarks/fleet.py`` runs fifty
+of them in one process against one cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from secretfs.errors import NotFound, SecretfsError
+
+if TYPE_CHECKING:
+    from secretfs.manager import SecretsManager
+    from secretfs.model import SecretMetadata
+
+log = logging.getLogger("secretfs.poll")
+
+
+class Backoff:
+    """Retry delays while a backend is down: 1 s doubling to a minute, each jittered by ±20 %;
+    the outage logged when it begins and when it ends, not at every failed attempt."""
+
+    FIRST, LIMIT = 1.0, 60.0
+
+    def __init__(self) -> None:
+        self._next = self.FIRST
+        self.down = False
+
+    def failed(self, error: Exception) -> None:
+        if not self.down:
+            log.warning("backend unavailable: %s", error)
+            self.down = True
+
+    def delay(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.LIMIT)
+        return delay * random.uniform(0.8, 1.2)
+
+    def succeeded(self) -> None:
+        if self.down:
+            log.info("backend available again")
+        self.down, self._next = False, self.FIRST
+
+
+class MetadataPoller:
+    """Passes over a backend's metadata (see the module docstring).
+
+    *known* returns the names the caller holds now (the mount's index); *changed* is awaited
+    with the names whose state differs from what the caller holds — new, changed or gone. The
+    first look at a name counts as a change: what the caller holds may predate it.
+    """
+
+    def __init__(self, manager: SecretsManager, *, known: Callable[[], set[str]],
+                 changed: Callable[[set[str]], Awaitable[None]]) -> None:
+        self.manager = manager
+        self._known = known
+        self._changed = changed
+        self._seen: dict[str, SecretMetadata] = {}  # what the last passes found, per name
+        self._deleted: set[str] = set()  # listed names whose metadata says deleted
+
+    async def run(self, interval: float) -> None:
+        """Pass after pass, forever (cancel to stop)."""
+        import trio
+
+        backoff = Backoff()
+        await trio.sleep(random.uniform(0, interval))
+        while True:
+            try:
+                await self.poll_once(interval)
+            except SecretfsError as error:
+                backoff.failed(error)
+                await trio.sleep(backoff.delay())
+                continue
+            backoff.succeeded()
+
+    async def poll_once(self, interval: float) -> None:
+        """One pass, taking *interval* seconds.
+
+        The listing may include names a metadata read then finds deleted (OpenBao lists
+        soft-deleted secrets; telling them apart costs a read per name, which the pass makes
+        anyway). State is compared with what the last passes saw, not with the cache, because
+        the cache may have reloaded a changed secret by itself (its ttl ran out) without the
+        kernel being told.
+        """
+        import trio
+
+        listed = set(await self.manager.candidate_names())
+        self._deleted &= listed
+        known = self._known()
+        gone = (known | set(self._seen)) - listed
+        for name in gone:
+            self._seen.pop(name, None)
+        # New names are reported at once rather than when the pass reaches them; their read
+        # below then only records what they are.
+        new = listed - known - set(self._seen) - self._deleted
+        if gone & known or new:
+            await self._changed((gone & known) | new)
+        names = sorted(listed)
+        pause = interval / max(len(names), 1)
+        for name in names:
+            await trio.sleep(pause)
+            try:
+                fresh = await self.manager.fresh_metadata(name)
+            except NotFound:  # listed, but deleted: once reported, not again every pass
+                self._seen.pop(name, None)
+                self._deleted.add(name)
+                if name in self._known():
+                    await self._changed({name})
+                continue
+            self._deleted.discard(name)
+            last = self._seen.get(name)
+            self._seen[name] = fresh
+            if name in new:  # reported above: again only if it changed since
+                stale = self.manager.cached_metadata(name) != fresh
+            else:
+                stale = last != fresh or name not in self._known()
+            if stale:
+                await self._changed({name})
+            elif self.manager.cache.wants(name, "metadata"):
+                # Keep what was just read (also over an entry past its ttl): the first open of
+                # this secret then costs one backend request (its value), as a direct read of
+                # the service would.
+                await self.manager.cache.get_or_load(name, "metadata", partial(_ready, fresh))
+
+
+async def _ready(value: Any) -> Any:
+    """An already-loaded value, as the loader a cache expects."""
+    return value
