@@ -16,7 +16,9 @@ always SIGKILLs all nodes. The root token and unseal key are kept on the ``Clust
 never printed (they are not in any error message either).
 
 ``Cluster`` offers per-node ``start``/``stop`` (SIGTERM)/``kill`` (SIGKILL)/``restart`` (start
-and unseal, it rejoins from its Raft data), ``leader()`` and ``wait_for_leader(exclude=…)``.
+and unseal, it rejoins from its Raft data), ``leader()`` and ``wait_for_leader(exclude=…)``;
+for the whole cluster ``stop_all`` (SIGTERM each) and ``restart_all`` (start, unseal each, wait
+for a leader).
 Use the ``cluster`` fixture (``from tests.cluster import cluster``); tests skip when no ``bao``
 binary is found.
 """
@@ -310,6 +312,23 @@ class Cluster:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.kill()
+
+    def stop_all(self) -> None:
+        """A clean shutdown (SIGTERM) of every node at once: the whole cluster is down."""
+        with ThreadPoolExecutor(NODES) as pool:
+            for done in [pool.submit(node.stop) for node in self.nodes]:
+                done.result()
+
+    def restart_all(self, timeout: float = STEP_TIMEOUT) -> int:
+        """Start every node again (after stop_all/kill), unseal each (in parallel: Raft needs a
+        quorum of unsealed nodes to elect) and wait for an active node; its index."""
+        for node in self.nodes:
+            node.kill()  # (a no-op for a stopped node)
+            node.start()
+        with ThreadPoolExecutor(NODES) as pool:
+            for done in [pool.submit(self.unseal, index, timeout) for index in range(NODES)]:
+                done.result()
+        return self.wait_for_leader(timeout=timeout)
 
 
 @contextlib.contextmanager

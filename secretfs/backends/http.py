@@ -13,7 +13,10 @@ to install. What this module adds to ``http.client`` is what the backend needs f
   was never reached, so the request can go to another address; any other
   :class:`TransportError` — it may have been received (a write must not be repeated blindly).
 - **TLS** verified against the system's trust store, or against ``ca_file``.
-- **One timeout** per socket operation (connect, send, each receive).
+- **Timeouts** on every socket operation (connect, send, each receive), set per request, and a
+  separate one for connecting: a caller with several servers gives an unreachable one only its
+  share of the request's budget.
+- **Response headers** (lower-case names): OpenBao's ``Location`` and ``X-Vault-Index``.
 
 Failover between addresses, retries and authentication are the caller's (backends/openbao.py).
 """
@@ -27,7 +30,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -45,6 +48,7 @@ class ConnectError(TransportError):
 class Response:
     status_code: int
     content: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)  # names in lower case
 
     @property
     def text(self) -> str:
@@ -74,21 +78,30 @@ class HttpClient:
 
     def request(self, method: str, url: str, *, json: Any = None,
                 params: Mapping[str, str] | None = None,
-                headers: Mapping[str, str] | None = None) -> Response:
-        """Send one request and read the whole response; TransportError if that failed."""
+                headers: Mapping[str, str] | None = None, timeout: float | None = None,
+                connect_timeout: float | None = None) -> Response:
+        """Send one request and read the whole response; TransportError if that failed.
+
+        *timeout* bounds each socket operation of this request (default: the client's);
+        *connect_timeout* bounds making a new connection (default: *timeout*), so a caller
+        with several servers to try can give an unreachable one only its share.
+        """
+        timeout = self.timeout if timeout is None else timeout
         parts = urlsplit(url)
         origin = (parts.scheme, parts.netloc)
         target = parts.path or "/"
-        if params:
-            target += "?" + urlencode(params)
+        query = "&".join(part for part in (parts.query, urlencode(params or {})) if part)
+        if query:
+            target += "?" + query
         body = None
         sent_headers = {**self.headers, **(headers or {})}
         if json is not None:
             body = jsonlib.dumps(json).encode()
             sent_headers["Content-Type"] = "application/json"
-        connection, reused = self._checkout(origin)
+        connection, reused = self._checkout(origin, connect_timeout or timeout)
         while True:
             try:
+                connection.sock.settimeout(timeout)
                 connection.request(method, target, body=body, headers=sent_headers)
                 answer = connection.getresponse()
                 content = answer.read()
@@ -98,7 +111,7 @@ class HttpClient:
                 if reused and method in IDEMPOTENT and isinstance(error, HUNG_UP):
                     # The server closed a kept-alive connection as we sent on it (the race
                     # the readability check cannot close): once more, on a new connection.
-                    connection, reused = self._connect(origin), False
+                    connection, reused = self._connect(origin, connect_timeout or timeout), False
                     continue
                 raise TransportError(f"{method} {parts.netloc}: {type(error).__name__}") from None
         if answer.will_close:
@@ -106,7 +119,8 @@ class HttpClient:
         else:
             with self._lock:
                 self._idle.setdefault(origin, []).append(connection)
-        return Response(answer.status, content)
+        return Response(answer.status, content,
+                        {name.lower(): value for name, value in answer.getheaders()})
 
     def close(self) -> None:
         with self._lock:
@@ -115,7 +129,8 @@ class HttpClient:
             for connection in connections:
                 connection.close()
 
-    def _checkout(self, origin: tuple[str, str]) -> tuple[Connection, bool]:
+    def _checkout(self, origin: tuple[str, str], connect_timeout: float
+                  ) -> tuple[Connection, bool]:
         """A kept-alive connection to *origin* still open at the server's end (True), or a
         new one (False)."""
         while True:
@@ -123,19 +138,18 @@ class HttpClient:
                 pool = self._idle.get(origin)
                 connection = pool.pop() if pool else None
             if connection is None:
-                return self._connect(origin), False
+                return self._connect(origin, connect_timeout), False
             if connection.sock is not None and not _readable(connection.sock):
                 return connection, True
             connection.close()  # closed by the server while idle (or it sent something stray)
 
-    def _connect(self, origin: tuple[str, str]) -> Connection:
+    def _connect(self, origin: tuple[str, str], timeout: float) -> Connection:
         scheme, netloc = origin
         connection: Connection
         if scheme == "https":
-            connection = http.client.HTTPSConnection(netloc, timeout=self.timeout,
-                                                     context=self._tls)
+            connection = http.client.HTTPSConnection(netloc, timeout=timeout, context=self._tls)
         elif scheme == "http":
-            connection = http.client.HTTPConnection(netloc, timeout=self.timeout)
+            connection = http.client.HTTPConnection(netloc, timeout=timeout)
         else:
             raise ConnectError(f"unsupported URL scheme {scheme!r}")
         try:

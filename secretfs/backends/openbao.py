@@ -51,9 +51,28 @@ AppRole (login, renew-self at half the TTL, log in again when the token is expir
 with one retry of the refused request, so an expiring token never fails a read. Without any of
 them, ``BAO_TOKEN`` / ``VAULT_TOKEN`` from the environment.
 
-Several addresses (a cluster): a request that cannot connect, or that a sealed/standby node
-answers 5xx/429, goes to the next one; the last good one is tried first next time.
-BackendUnavailable (exit 5) when none answers.
+Several addresses (a Raft cluster; docs/scaling.md). Which node to ask is backends/nodes.py's:
+the one that answered last, then the others, down nodes last (health-checked in the background).
+How one request uses them:
+
+- **one budget**: a request, failover included, takes at most ``timeout``; a node gets only its
+  share of what is left to connect (and, for a read, to answer), so one unreachable or hung
+  node cannot eat the budget of the others;
+- a node that cannot be reached, or answers 5xx/429, is passed over for the next; a write that
+  may have landed (the connection broke after sending) is never sent to another node;
+- **standby redirects** (HTTP 307 with ``Location``, what a standby answers a write with while
+  it does not know the new active node, or when forwarding is off) are followed, at most three
+  hops, never from https to http; a redirect to a node that does not answer counts as that
+  node's failure to serve, and the next node is tried;
+- **read-your-writes**: standbys serve reads from their own, possibly a few milliseconds old,
+  copy. Each response's ``X-Vault-Index`` (the Raft index the answer reflects) is remembered, and
+  later requests carry the newest with ``X-Vault-Inconsistent: forward-active-node``: a standby
+  that has not caught up with it forwards the request to the active node. So this process never
+  reads older state than it wrote or saw — a label update right after a write sees the write.
+  Should no node satisfy that (an election under way), a read is tried once more without it,
+  accepting a standby's copy: a slightly old answer serves better than none.
+
+BackendUnavailable (exit 5) when no node answers.
 
 No change feed: ``changes_since`` says "reload everything" once, then "nothing", and the daemon
 polls metadata (cache.poll_interval).
@@ -75,9 +94,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
 
 from secretfs.backends.base import MetadataUpdate, check_write
 from secretfs.backends.http import ConnectError, HttpClient, Response, TransportError
+from secretfs.backends.nodes import ROLES, Node, Nodes, NodeStatus
 from secretfs.errors import (
     AccessDenied,
     BackendUnavailable,
@@ -115,6 +136,12 @@ DEFAULT_TIMEOUT = 10.0
 WRITE_ATTEMPTS = 200  # KV cas races lost in a row before giving up (busy secret)
 METADATA_ATTEMPTS = 50
 SHAPE_CACHE_MAX = 10_000
+MIN_ATTEMPT_TIMEOUT = 0.5  # seconds one node gets at least, however many are left to try
+MAX_REDIRECTS = 3
+READS = frozenset({"GET", "LIST"})
+# answers after which the next node may do better: redirected (not followed), rate-limited or
+# behind this process's index, failed, sealed or without an active node, gateway problems
+TRY_ANOTHER_NODE = frozenset({307, 308, 429, 500, 502, 503, 504})
 
 CAPABILITIES = frozenset({
     "versions", "labels", "cas", "soft_delete", "destroy", "metadata", "rotation_state",
@@ -411,6 +438,38 @@ class _Auth:
             return False
 
 
+# -- read-your-writes -------------------------------------------------------------------------
+
+
+class _RaftIndex:
+    """The newest ``X-Vault-Index`` this process has seen, and the headers that ask a node for
+    an answer at least that new (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._header = ""
+        self._value = -1
+        self._cluster = ""
+
+    def saw(self, response: Response) -> None:
+        header = response.headers.get("x-vault-index")
+        if not header or header == self._header:
+            return
+        try:
+            state = json.loads(base64.b64decode(header))
+            value, cluster = int(state["value"]), str(state.get("cluster", ""))
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            return  # not a form we know: leave consistency to the server
+        with self._lock:
+            if cluster != self._cluster or value > self._value:  # (another cluster: start over)
+                self._header, self._value, self._cluster = header, value, cluster
+
+    def headers(self) -> dict[str, str]:
+        if not self._header:
+            return {}
+        return {"X-Vault-Index": self._header, "X-Vault-Inconsistent": "forward-active-node"}
+
+
 # -- the backend ------------------------------------------------------------------------------
 
 
@@ -432,12 +491,13 @@ class OpenBaoBackend:
         self.addresses = tuple(address.rstrip("/") for address in self.addresses)
         self.mount = mount.strip("/")
         self.max_versions = max_versions
-        self._preferred = 0
+        self.timeout = timeout or DEFAULT_TIMEOUT
         headers = {"X-Vault-Request": "true"}
         if namespace:
             headers["X-Vault-Namespace"] = namespace
-        self._client = HttpClient(headers=headers, timeout=timeout or DEFAULT_TIMEOUT,
-                                  ca_file=ca_file)
+        self._client = HttpClient(headers=headers, timeout=self.timeout, ca_file=ca_file)
+        self._nodes = Nodes(self.addresses, self._health)
+        self._index = _RaftIndex()
         self._shapes: dict[tuple[str, int, str], tuple[bool, tuple[str, ...], tuple[int, ...]]]
         self._shapes = {}
         self._auth = _Auth(
@@ -445,35 +505,81 @@ class OpenBaoBackend:
         )
 
     def close(self) -> None:
+        self._nodes.close()
         self._client.close()
+
+    def node_status(self) -> list[NodeStatus]:
+        """Each node's role now (active, standby, sealed, unreachable…), for ``doctor``."""
+        return self._nodes.status()
 
     # -- HTTP -----------------------------------------------------------------------------------
 
+    def _health(self, address: str, timeout: float) -> NodeStatus:
+        """A node's role per ``GET /v1/sys/health`` (unauthenticated)."""
+        try:
+            response = self._client.request("GET", f"{address}/v1/sys/health", timeout=timeout)
+        except TransportError as error:
+            return NodeStatus(address, "unreachable", str(error))
+        status = response.status_code
+        return NodeStatus(address, ROLES.get(status, f"http-{status}"))
+
     def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
               token: str | None) -> Response:
-        """One request, to the first address that answers (starting with the last good one)."""
+        """One request, node after node (see the module docstring), within ``timeout``."""
+        deadline = time.monotonic() + self.timeout
         headers = {"X-Vault-Token": token} if token else {}
-        count = len(self.addresses)
+        consistent = self._index.headers()
+        if not consistent or method not in READS:
+            return self._send_to_nodes(method, path, body, params, {**headers, **consistent},
+                                       deadline)
+        try:
+            response = self._send_to_nodes(method, path, body, params,
+                                           {**headers, **consistent}, deadline)
+            if response.status_code not in TRY_ANOTHER_NODE or time.monotonic() >= deadline:
+                return response
+        except BackendUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+        # No node could answer at the index this process has seen (an election under way):
+        # a standby's own copy, maybe a little older, serves better than no answer.
+        return self._send_to_nodes(method, path, body, params, headers, deadline)
+
+    def _send_to_nodes(self, method: str, path: str, body: Any,
+                       params: Mapping[str, str] | None, headers: Mapping[str, str],
+                       deadline: float) -> Response:
+        order = self._nodes.order()
         last: Response | None = None
         problems = []
-        for step in range(count):
-            index = (self._preferred + step) % count
-            url = f"{self.addresses[index]}/v1/{path}"
+        for position, node in enumerate(order):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                problems.append(f"no time left of the {self.timeout:g}s request timeout")
+                break
+            # A node gets its share of what is left to connect and, for a read (which can go
+            # to the next node), to answer: a hung node cannot eat the others' time.
+            share = min(max(remaining / (len(order) - position), MIN_ATTEMPT_TIMEOUT), remaining)
+            until = time.monotonic() + share if method in READS else deadline
             try:
-                response = self._client.request(method, url, json=body, params=params,
-                                                 headers=headers)
-            except ConnectError as error:
+                response, node = self._exchange(node, f"{node.address}/v1/{path}", method,
+                                                 body, params, headers, until, share)
+            except ConnectError as error:  # never reached: safe to try the next node
+                self._nodes.failed(node, str(error))
                 problems.append(str(error))
-                continue  # never reached the server: safe to try the next one
+                continue
             except TransportError as error:
+                self._nodes.failed(node, str(error))
                 problems.append(str(error))
-                if method in ("GET", "LIST") and step + 1 < count:
+                if method in READS:
                     continue
                 break  # a write may have landed: do not repeat it elsewhere
-            if response.status_code in (429, 500, 502, 503, 504) and step + 1 < count:
-                last = response  # sealed, standby or overloaded: try another node
+            if response.status_code in TRY_ANOTHER_NODE:
+                if response.status_code == 503:  # sealed, or knows no active node
+                    self._nodes.failed(node, "HTTP 503")
+                problems.append(f"{node.address}: HTTP {response.status_code}")
+                last = response
                 continue
-            self._preferred = index
+            self._nodes.answered(node)
+            self._index.saw(response)
             return response
         if last is not None:
             return last
@@ -481,6 +587,34 @@ class OpenBaoBackend:
             f"OpenBao did not answer at {', '.join(self.addresses)} ({'; '.join(problems)})",
             "check that the server is running and reachable; cached values are used meanwhile",
         )
+
+    def _exchange(self, node: Node, url: str, method: str, body: Any,
+                  params: Mapping[str, str] | None, headers: Mapping[str, str],
+                  deadline: float, connect_timeout: float) -> tuple[Response, Node]:
+        """One node's answer, standby redirects followed, and the node that gave it (the
+        redirect's target when that is one of ours: the active node, worth sticking to).
+        ConnectError only for *node* itself: a redirect to a node that does not answer (a
+        standby that has not yet heard of the election) returns the redirect."""
+        response = self._client.request(
+            method, url, json=body, params=params, headers=headers,
+            timeout=max(deadline - time.monotonic(), 0.001), connect_timeout=connect_timeout)
+        for _ in range(MAX_REDIRECTS):
+            target = response.headers.get("location")
+            if response.status_code not in (307, 308) or not target:
+                break
+            target = urljoin(url, target)
+            if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                break  # never downgrade: the token would travel in clear text
+            try:
+                response = self._client.request(  # (the query string is in Location)
+                    method, target, json=body, headers=headers,
+                    timeout=max(deadline - time.monotonic(), 0.001),
+                    connect_timeout=connect_timeout)
+            except ConnectError:
+                break
+            url = target
+            node = self._nodes.find(target) or node
+        return response, node
 
     def _login(self, path: str, body: dict) -> dict:
         response = self._send("POST", path, body, None, None)
@@ -517,8 +651,9 @@ class OpenBaoBackend:
         except ValueError:
             errors = ""
         detail = f"OpenBao could not {what} (HTTP {status}{': ' + errors if errors else ''})"
-        if status >= 500 or status == 429:
-            return BackendUnavailable(detail, "check the server's health (sealed?)")
+        if status >= 500 or status in (307, 308, 429):
+            return BackendUnavailable(detail, "check the server's health (sealed? no active "
+                                      "node?): 'secretfs doctor' shows each node's role")
         return SecretfsError(detail)
 
     # -- KV paths -------------------------------------------------------------------------------
