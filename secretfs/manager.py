@@ -715,6 +715,13 @@ class SecretsManager:
         backend = self.sync.backend
         return await self._ask(("names",), getattr(backend, "scan_names", backend.list_names))
 
+    async def scan_fingerprints(self) -> dict[str, bytes] | None:
+        """Every name that may be a live secret with a digest of its metadata, if the backend
+        can list them together (its optional ``scan_fingerprints``: OpenBao's detailed-metadata
+        LIST); else None. For the poller: one request per folder instead of one per name."""
+        scan = getattr(self.sync.backend, "scan_fingerprints", None)
+        return None if scan is None else await self._ask(("names",), scan)
+
     async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
         validate_name(name)
         self.sync.authorize(caller, "list", name, "info")

@@ -1,12 +1,17 @@
 """Following a backend that has no change feed (OpenBao, AWS): poll its metadata.
 
 Other hosts write to such a backend and it tells nobody, so each daemon looks: one *pass* per
-``cache.poll_interval`` reads the metadata of every secret name it knows — never a value — and
-hands the names whose metadata differs from the last pass to a ``changed`` callback (the mount
+``cache.poll_interval`` (±10 %, the first at a random offset, so a thousand hosts polling one
+cluster do not arrive in the same second) compares every secret's metadata — never a value —
+with the last pass's, and hands the names that differ to a ``changed`` callback (the mount
 drops its caches and tells the kernel). What a pass costs the backend, per host, is what
-docs/scaling.md budgets: the names' listing (one LIST per folder for OpenBao) and one metadata
-read per secret, **spread evenly over the interval** with the first pass started at a random
-offset, so a thousand hosts polling one cluster do not arrive in the same second.
+docs/scaling.md budgets:
+
+- **by fingerprints**, when the backend lists names with a digest of their metadata
+  (``scan_fingerprints``; OpenBao's ``LIST detailed-metadata``): one request per folder and
+  1,000 names, however many secrets there are;
+- else **by reading each name's metadata**: the listing plus one read per secret, spread evenly
+  over the interval (HashiCorp Vault, which has no detailed-metadata listing).
 
 While the backend fails, passes wait with backoff (1 s doubling to a minute, jittered) and the
 outage is logged once when it starts and once when it ends.
@@ -72,14 +77,17 @@ class MetadataPoller:
         self._changed = changed
         self._seen: dict[str, SecretMetadata] = {}  # what the last passes found, per name
         self._deleted: set[str] = set()  # listed names whose metadata says deleted
+        self._prints: dict[str, bytes] = {}  # the last pass's metadata digests, per name
 
     async def run(self, interval: float) -> None:
-        """Pass after pass, forever (cancel to stop)."""
+        """Pass after pass, one per *interval* (each stretched or shrunk by up to 10 %, so
+        hosts that started together drift apart), forever (cancel to stop)."""
         import trio
 
         backoff = Backoff()
         await trio.sleep(random.uniform(0, interval))
         while True:
+            started = trio.current_time()
             try:
                 await self.poll_once(interval)
             except SecretfsError as error:
@@ -87,9 +95,41 @@ class MetadataPoller:
                 await trio.sleep(backoff.delay())
                 continue
             backoff.succeeded()
+            await trio.sleep_until(started + interval * random.uniform(0.9, 1.1))
 
     async def poll_once(self, interval: float) -> None:
-        """One pass, taking *interval* seconds.
+        """One pass: by fingerprints when the backend lists them (a few requests, at once),
+        else by reading each name's metadata (spread over *interval*)."""
+        fingerprints = await self.manager.scan_fingerprints()
+        if fingerprints is None:
+            await self._read_each(interval)
+        else:
+            await self._compare_fingerprints(fingerprints)
+
+    async def _compare_fingerprints(self, fingerprints: dict[str, bytes]) -> None:
+        """Report the names whose metadata digest differs from the last pass's (a first look
+        included), and those gone from the listing.
+
+        A listed name that turns out deleted is reported once, when its digest changes, not at
+        every pass. A digest is recorded only once ``changed`` has reloaded its name, so the
+        cached metadata of a name whose digest did not change is current: it is renewed in
+        the cache without a request.
+        """
+        known = self._known()
+        report = {name for name, mark in fingerprints.items() if self._prints.get(name) != mark}
+        report |= known - set(fingerprints)
+        if report:
+            await self._changed(report)
+        self._prints = dict(fingerprints)
+        cache = self.manager.cache
+        for name in fingerprints.keys() - report:
+            if cache.wants(name, "metadata"):
+                current = self.manager.cached_metadata(name)
+                if current is not None:
+                    await cache.get_or_load(name, "metadata", partial(_ready, current))
+
+    async def _read_each(self, interval: float) -> None:
+        """One pass over every listed name's metadata, spread over *interval*.
 
         The listing may include names a metadata read then finds deleted (OpenBao lists
         soft-deleted secrets; telling them apart costs a read per name, which the pass makes

@@ -233,3 +233,99 @@ def test_concurrent_pending_writers_one_wins(backend: OpenBaoBackend) -> None:
         thread.join()
     assert sorted(outcomes) == ["conflict"] * 3 + ["won"]
     assert backend.read_metadata("db").labels[Label.CURRENT] == 1
+
+
+class Counted:
+    """Counts the HTTP requests a backend sends, by path (without /v1/ and the query)."""
+
+    def __init__(self, backend: OpenBaoBackend) -> None:
+        self.paths: list[str] = []
+        request = backend._client.request
+
+        def counted(method: str, url: str, **options: object) -> object:
+            self.paths.append(url.split("/v1/", 1)[1].split("?")[0])
+            return request(method, url, **options)
+        backend._client.request = counted  # type: ignore[method-assign]
+
+
+def test_fingerprints_cost_a_request_per_folder_and_follow_every_change(
+        backend: OpenBaoBackend, openbao: OpenBaoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import secretfs.backends.openbao as module
+
+    for name in ("app/a", "app/b", "app/sub/c", "top"):
+        backend.write_version(name, secrets.token_bytes(8))
+    counted = Counted(backend)
+    prints = backend.scan_fingerprints()
+    assert prints is not None and set(prints) == {"app/a", "app/b", "app/sub/c", "top"}
+    assert sorted(counted.paths) == ["secret/detailed-metadata/",
+                                     "secret/detailed-metadata/app/",
+                                     "secret/detailed-metadata/app/sub/"]
+    assert set(backend.scan_fingerprints("app/") or {}) == {"app/a", "app/b", "app/sub/c"}
+    monkeypatch.setattr(module, "LIST_PAGE", 1)  # a page per name: the same answer
+    assert backend.scan_fingerprints() == prints
+    monkeypatch.undo()
+
+    def changed_by(change: object) -> set[str]:
+        before = backend.scan_fingerprints() or {}
+        after = backend.scan_fingerprints() or {}
+        assert after == before  # nothing changes by itself
+        assert callable(change)
+        change()
+        after = backend.scan_fingerprints() or {}
+        return {name for name in after.keys() | before.keys()
+                if after.get(name) != before.get(name)}
+
+    assert changed_by(lambda: backend.write_version("app/a", b"new")) == {"app/a"}
+    assert changed_by(lambda: backend.update_metadata(
+        "app/b", MetadataUpdate(description="d"))) == {"app/b"}
+    assert changed_by(lambda: backend.update_labels("app/a", {Label.PREVIOUS: None})) == {"app/a"}
+    assert changed_by(lambda: openbao.bao("kv", "put", "secret/top", "k=v")) == {"top"}
+    assert changed_by(lambda: backend.delete("top")) == {"top"}  # still listed, print changed
+    assert "top" in (backend.scan_fingerprints() or {})
+
+
+def test_fingerprints_are_none_where_the_server_has_no_detailed_listing(
+        backend: OpenBaoBackend) -> None:
+    from secretfs.backends.http import Response
+
+    asked: list[str] = []
+
+    def vault(method: str, path: str, body: object = None, params: object = None) -> Response:
+        asked.append(path)  # what HashiCorp Vault answers for detailed-metadata
+        return Response(404, b'{"data":null,"warnings":["Invalid path for a versioned K/V '
+                             b'secrets engine. See the API docs ..."]}')
+    backend._request = vault  # type: ignore[method-assign]
+    assert backend.scan_fingerprints() is None
+    assert backend.scan_fingerprints() is None and len(asked) == 1  # asked once, remembered
+
+
+async def test_a_poll_pass_over_many_secrets_costs_one_request(
+        backend: OpenBaoBackend) -> None:
+    from secretfs.cache import TtlCache
+    from secretfs.manager import SecretsManager, SyncSecretsManager
+    from secretfs.poll import MetadataPoller
+
+    names = {f"fleet/s{index:03d}" for index in range(60)}
+    for name in names:
+        backend.write_version(name, secrets.token_bytes(8))
+    manager = SecretsManager(SyncSecretsManager(backend),
+                             cache=TtlCache(ttl=3600, max_size=1000, max_stale=0))
+    reported: list[set[str]] = []
+
+    async def changed(changes: set[str]) -> None:
+        reported.append(set(changes))
+        for name in changes:
+            manager.forget(name)
+            await manager.metadata(name)
+
+    poller = MetadataPoller(manager, known=lambda: set(names), changed=changed)
+    await poller.poll_once(1)  # the first look: everything is reported (and reloaded)
+    assert reported == [names]
+    counted = Counted(backend)
+    await poller.poll_once(1)
+    assert counted.paths == ["secret/detailed-metadata/", "secret/detailed-metadata/fleet/"]
+    backend.write_version("fleet/s007", b"changed")
+    counted.paths.clear()
+    await poller.poll_once(1)
+    assert reported[-1] == {"fleet/s007"}
+    assert counted.paths[:2] == ["secret/detailed-metadata/", "secret/detailed-metadata/fleet/"]

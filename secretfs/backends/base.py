@@ -159,9 +159,12 @@ class Backend(Protocol):
         """Names of every live secret starting with *prefix*, sorted (cheaper than list)."""
         ...
 
-    # Optional: ``scan_names(prefix="") -> list[str]``, every name that *may* be a live secret
-    # (deleted ones may be included), when that is much cheaper than list_names. The metadata
-    # poller uses it, since it reads each name's metadata anyway (secretfs/poll.py).
+    # Optional, for the metadata poller of a backend without a change feed (secretfs/poll.py):
+    # - ``scan_fingerprints(prefix="") -> dict[str, bytes] | None``: every name that *may* be a
+    #   live secret (deleted ones may be included), each with a digest that changes whenever its
+    #   metadata does, in a few requests (not one per name); None when the service cannot;
+    # - ``scan_names(prefix="") -> list[str]``: those names alone, when that is much cheaper than
+    #   list_names (the poller then reads each name's metadata, which tells deleted ones apart).
 
     def changes_since(self, cursor: int | None) -> tuple[int, set[str] | None]:
         """The names changed since *cursor* (a value this method returned before), and the

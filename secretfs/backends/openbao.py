@@ -83,6 +83,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -136,6 +137,7 @@ DEFAULT_TIMEOUT = 10.0
 WRITE_ATTEMPTS = 200  # KV cas races lost in a row before giving up (busy secret)
 METADATA_ATTEMPTS = 50
 SHAPE_CACHE_MAX = 10_000
+LIST_PAGE = 1000  # names per LIST of detailed-metadata
 MIN_ATTEMPT_TIMEOUT = 0.5  # seconds one node gets at least, however many are left to try
 MAX_REDIRECTS = 3
 READS = frozenset({"GET", "LIST"})
@@ -497,6 +499,7 @@ class OpenBaoBackend:
             headers["X-Vault-Namespace"] = namespace
         self._client = HttpClient(headers=headers, timeout=self.timeout, ca_file=ca_file)
         self._nodes = Nodes(self.addresses, self._health)
+        self._detailed: bool | None = None  # whether the server lists detailed-metadata
         self._index = _RaftIndex()
         self._shapes: dict[tuple[str, int, str], tuple[bool, tuple[str, ...], tuple[int, ...]]]
         self._shapes = {}
@@ -1082,6 +1085,50 @@ class OpenBaoBackend:
             if kv is not None and kv.deleted_marker is None:
                 names.append(name)
         return names
+
+    def scan_fingerprints(self, prefix: str = "") -> dict[str, bytes] | None:
+        """Every KV secret name under *prefix* (soft-deleted ones too), each with a digest of
+        its whole KV metadata — which changes whenever the secret does — from one ``LIST
+        detailed-metadata`` per folder and 1,000 names (OpenBao 2.x), not a request per name.
+        None when the server has no such endpoint (HashiCorp Vault): the poller then reads
+        each name's metadata (secretfs/poll.py)."""
+        if self._detailed is False:
+            return None
+        found: dict[str, bytes] = {}
+        start = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+        pending = [start]
+        while pending:
+            folder = pending.pop()
+            after = ""
+            while True:
+                params = {"list": "true", "limit": str(LIST_PAGE)}
+                if after:
+                    params["after"] = after
+                response = self._request("GET", self._path("detailed-metadata", folder),
+                                         params=params)
+                if response.status_code == 404:
+                    if "Invalid path" in response.text:  # no such endpoint here
+                        self._detailed = False
+                        return None
+                    break  # an empty folder
+                if response.status_code != 200:
+                    raise self._fail(response, f"list {folder or '/'} with metadata")
+                self._detailed = True
+                data = response.json()["data"]
+                keys = list(data.get("keys") or [])
+                details = data.get("key_info") or {}
+                for key in keys:
+                    path = folder + key
+                    if key.endswith("/"):
+                        if path.startswith(prefix) or prefix.startswith(path):
+                            pending.append(path)
+                    elif path.startswith(prefix):
+                        text = json.dumps(details.get(key), sort_keys=True).encode()
+                        found[path] = hashlib.blake2b(text, digest_size=16).digest()
+                if len(keys) < LIST_PAGE:
+                    break
+                after = keys[-1]
+        return found
 
     def scan_names(self, prefix: str = "") -> list[str]:
         """Every KV secret name under *prefix*, soft-deleted ones included: the LISTs alone
