@@ -595,21 +595,23 @@ def _probe_openbao(context: Context, config: Config) -> Outcome:
     unreachable = (f"check address {address} (secrets_manager.backend.address): is the server "
                    "running, and reachable from this host (port, firewall, TLS, ca_file)?")
     try:
+        nodes = backend.node_status()
+        roles = _roles(nodes)
+        serving = [node for node in nodes if node.serving]
+        if not serving:
+            if all(node.role == "unreachable" for node in nodes):
+                problems = "; ".join(f"{node.address}: {node.detail}" for node in nodes)
+                return fail(f"backend unreachable: no OpenBao node answers ({problems})",
+                            unreachable)
+            if all(node.role == "uninitialized" for node in nodes if node.role != "unreachable"):
+                return fail(f"OpenBao at {address} is not initialized", "bao operator init")
+            return fail(f"no OpenBao node can serve ({roles})",
+                        "unseal the sealed nodes (bao operator unseal, each key holder); start "
+                        "the unreachable ones")
         # Backend internals on purpose: the same transport, failover and authentication the
-        # daemon uses, asked the two questions a health check needs.
-        try:
-            health = backend._send("GET", "sys/health", None,
-                                    {"standbyok": "true", "perfstandbyok": "true"}, None)
-        except BackendUnavailable as error:
-            return fail(f"backend unreachable: {error.what}", unreachable)
-        status = health.status_code
-        if status == 501:
-            return fail(f"OpenBao at {address} is not initialized", "bao operator init")
-        if status == 503:
-            return fail(f"OpenBao at {address} is sealed", "bao operator unseal (each key holder)")
-        if status not in (200, 429, 472, 473):
-            return fail(f"OpenBao at {address} answered sys/health with HTTP {status}",
-                        "check the server's log")
+        # daemon uses, asked the questions a health check needs.
+        health = backend._send("GET", "sys/health", None,
+                               {"standbyok": "true", "perfstandbyok": "true"}, None)
         try:
             version = str(health.json().get("version") or "?")
         except (ValueError, AttributeError):
@@ -634,10 +636,27 @@ def _probe_openbao(context: Context, config: Config) -> Outcome:
             return fail(f"KV v2 mount {backend.mount}/: {error.what}",
                         f"enable it (bao secrets enable -path={backend.mount} kv-v2) or set "
                         "secrets_manager.backend.mount")
+    except BackendUnavailable as error:  # every node went away between the questions
+        return fail(f"backend unreachable: {error.what}", unreachable)
     finally:
         backend.close()
-    return ok(f"OpenBao {version} at {address}: token accepted ({token}); {backend.mount}/ "
+    detail = (f"OpenBao {version} at {address}: token accepted ({token}); {backend.mount}/ "
               f"lists {_count(entries, 'entry', 'entries')}")
+    if len(nodes) == 1:
+        return ok(detail)
+    detail += f"; nodes: {roles}"
+    if len(serving) < len(nodes):
+        return warn(detail, "the cluster runs degraded: start or unseal the nodes that do not "
+                    "serve (see docs/scaling.md)")
+    if not any(node.role == "active" for node in nodes):
+        return warn(detail, "no active node (an election under way, or quorum lost: more than "
+                    "half the nodes must be up): reads are served by standbys, writes fail")
+    return ok(detail)
+
+
+def _roles(nodes: list[Any]) -> str:
+    """"http://a:8200 active, http://b:8200 standby, …" (for the doctor's line)."""
+    return ", ".join(f"{node.address} {node.role}" for node in nodes)
 
 
 def _refused_lookup(backend: Any, status: int, address: str, options: Any) -> Outcome:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from secretfs.doctor import CHECKS
+from tests.cluster import Cluster, cluster  # noqa: F401  (a fixture)
 from tests.helpers import SEED_POLICY, Store, free_port
 from tests.mounting import force_unmount, is_mounted, start
 from tests.openbao import OpenBaoServer, openbao, requires_openbao  # noqa: F401  (a fixture)
@@ -181,16 +182,17 @@ def test_world_writable_data_folder(store: Store) -> None:
 # -- backend --------------------------------------------------------------------------------------
 
 
-def openbao_config(root: Path, address: str, token: str) -> Path:
+def openbao_config(root: Path, address: str | list[str], token: str) -> Path:
     """A config for the openbao backend with its token in a 0600 file, and the master key
     (which keys the audit log's MAC) of a local store made in *root* beforehand."""
     token_file = root / "bao-token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     config = root / "openbao.yaml"
+    addresses = address if isinstance(address, str) else f"[{', '.join(address)}]"
     config.write_text(
         "secrets_manager:\n"
-        f"  backend: {{ type: openbao, address: '{address}', token_file: bao-token }}\n"
+        f"  backend: {{ type: openbao, address: {addresses}, token_file: bao-token }}\n"
         "  encryption: { provider: file, key_file: master.key }\n"
         "  audit: { path: audit.log }\n")
     return config
@@ -209,6 +211,27 @@ def test_openbao_unreachable(store: Store) -> None:
     assert "backend unreachable" in line
     assert f"(fix: check address {address} " in line
     assert_never_shown(result, token)
+
+
+@requires_openbao
+def test_openbao_cluster_shows_each_nodes_role(store: Store,
+                                              cluster: Cluster) -> None:  # noqa: F811
+    config = openbao_config(store.root, cluster.addresses, cluster.root_token)
+    env = store.env(SECRETFS_CONFIG=str(config))
+    leader = cluster.leader()
+    status, line = report(doctor(env))["backend"]
+    assert status == "ok", line
+    for index, address in enumerate(cluster.addresses):
+        assert f"{address} {'active' if index == leader else 'standby'}" in line
+
+    standby = next(index for index in range(3) if index != leader)
+    cluster.kill(standby)
+    result = doctor(env)
+    status, line = report(result)["backend"]
+    assert status == "warn" and result.returncode == 0, line
+    assert f"{cluster.addresses[standby]} unreachable" in line
+    assert f"{cluster.addresses[leader]} active" in line and "degraded" in line
+    assert_never_shown(result, cluster.root_token)
 
 
 @requires_openbao
