@@ -194,3 +194,26 @@ def test_a_redirect_from_https_to_http_is_not_followed() -> None:
         assert client.asked == ["https://node:8200/v1/secret/data/x"]  # the token stayed put
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize(("timeout", "backend_timeout", "expected"), [
+    ("30s", "2s", 2.0), (None, "3s", 3.0), ("1s", "5s", 1.0), (None, None, 5.0)])
+def test_one_request_fits_in_what_the_daemon_waits(timeout: str | None,
+                                                   backend_timeout: str | None,
+                                                   expected: float) -> None:
+    """The request timeout (the failover budget) is at most ``backend_timeout``: otherwise the
+    daemon gives up while the first node still has its share, and no other node is tried."""
+    from secretfs.backends.openbao import open_openbao
+    from secretfs.config import parse_config
+
+    text = ("secrets_manager:\n  backend:\n    type: openbao\n"
+            "    address: [http://a:8200, http://b:8200]\n    token: t\n")
+    if timeout:
+        text += f"    timeout: {timeout}\n"
+    if backend_timeout:
+        text += f"  backend_timeout: {backend_timeout}\n"
+    backend = open_openbao(parse_config(text))
+    try:
+        assert backend.timeout == expected
+    finally:
+        backend.close()

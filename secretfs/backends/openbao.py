@@ -1155,9 +1155,14 @@ def open_openbao(config: Config, *, create: bool = False) -> OpenBaoBackend:
     if not address:
         raise ConfigError("the openbao backend has no address",
                           "set secrets_manager.backend.address (or BAO_ADDR)")
+    # One request, failover over the nodes included, fits in what the daemon waits for a
+    # backend read (backend_timeout): otherwise the daemon would give up while a node still
+    # waited for its share, and the others never got theirs.
+    bounds = [float(limit) for limit in (options.get("timeout"), config.manager.backend_timeout)
+              if limit]
     return OpenBaoBackend(
         address, mount=options.get("mount", "secret"), token=options.get("token"),
         token_file=options.get("token_file"), approle=options.get("approle"),
         ca_file=options.get("ca_file"), namespace=options.get("namespace"),
-        timeout=options.get("timeout"), max_versions=settings.max_versions,
+        timeout=min(bounds) if bounds else None, max_versions=settings.max_versions,
     )
