@@ -46,11 +46,16 @@ class Backoff:
     def __init__(self) -> None:
         self._next = self.FIRST
         self.down = False
+        self.since: float | None = None  # when the outage began (time.time())
+        self.problem = ""
 
     def failed(self, error: Exception) -> None:
         if not self.down:
+            import time
+
             log.warning("backend unavailable: %s", error)
-            self.down = True
+            self.down, self.since = True, time.time()
+        self.problem = str(error)
 
     def delay(self) -> float:
         delay, self._next = self._next, min(self._next * 2, self.LIMIT)
@@ -59,7 +64,7 @@ class Backoff:
     def succeeded(self) -> None:
         if self.down:
             log.info("backend available again")
-        self.down, self._next = False, self.FIRST
+        self.down, self._next, self.since, self.problem = False, self.FIRST, None, ""
 
 
 class MetadataPoller:
@@ -71,8 +76,10 @@ class MetadataPoller:
     """
 
     def __init__(self, manager: SecretsManager, *, known: Callable[[], set[str]],
-                 changed: Callable[[set[str]], Awaitable[None]]) -> None:
+                 changed: Callable[[set[str]], Awaitable[None]],
+                 outage: Backoff | None = None) -> None:
         self.manager = manager
+        self.outage = outage or Backoff()  # (the mount's, so <mount>/.secretfs/health tells)
         self._known = known
         self._changed = changed
         self._seen: dict[str, SecretMetadata] = {}  # what the last passes found, per name
@@ -84,17 +91,16 @@ class MetadataPoller:
         hosts that started together drift apart), forever (cancel to stop)."""
         import trio
 
-        backoff = Backoff()
         await trio.sleep(random.uniform(0, interval))
         while True:
             started = trio.current_time()
             try:
                 await self.poll_once(interval)
             except SecretfsError as error:
-                backoff.failed(error)
-                await trio.sleep(backoff.delay())
+                self.outage.failed(error)
+                await trio.sleep(self.outage.delay())
                 continue
-            backoff.succeeded()
+            self.outage.succeeded()
             await trio.sleep_until(started + interval * random.uniform(0.9, 1.1))
 
     async def poll_once(self, interval: float) -> None:

@@ -93,3 +93,17 @@ def test_status_asks_every_node() -> None:
     nodes = Nodes([A, B, C], health)
     assert [(status.address, status.role, status.serving) for status in nodes.status()] == [
         (A, "active", True), (B, "standby", True), (C, "unreachable", False)]
+
+
+def test_states_tell_each_node_as_last_found_without_asking() -> None:
+    health = Health()
+    nodes = Nodes([A, B], health)
+    try:
+        nodes.answered(nodes.nodes[1])
+        nodes.failed(nodes.nodes[0], "cannot connect")
+        assert nodes.states() == [
+            {"address": A, "state": "down", "problem": "cannot connect", "preferred": False},
+            {"address": B, "state": "up", "problem": "", "preferred": True}]
+        assert health.checks == []  # nothing was asked for that
+    finally:
+        nodes.close()

@@ -85,10 +85,18 @@ def test_bao_writes_show_through_the_mount_and_an_outage_is_ridden_out(
         with pytest.raises(OSError) as cold:
             (mount.path / "cold/latest/password").read_text()  # never read: nothing cached
         assert cold.value.errno in (errno.EIO, errno.ENOENT)
+        health_file = mount.path / ".secretfs/health"
+        health = eventually(lambda: json.loads(health_file.read_text())["status"]
+                            == "backend unavailable", timeout=5)
+        assert health, health_file.read_text()  # the poller met the outage: operators see it
+        document = json.loads(health_file.read_text())
+        assert document["nodes"][0]["state"] == "down" and document["backend_unavailable_since"]
         bao.start()  # back (a dev server comes back empty: write again)
         bao.bao("kv", "put", "secret/db", f"password={first}")
         assert eventually(lambda: read(target) == first, timeout=90), "no recovery"
         assert mount.process.poll() is None  # the same daemon: no remount
+        assert eventually(lambda: json.loads(health_file.read_text())["status"] == "ok",
+                          timeout=10)
 
 
 def test_two_daemons_on_one_openbao_see_each_others_rotation_and_rotate_once(

@@ -175,7 +175,9 @@ def test_a_hung_backend_costs_a_reader_at_most_the_timeout_and_no_one_else_anyth
                 result, took = timed(action)
                 assert not isinstance(result, OSError), result
                 assert took <= QUICK, f"took {took:.2f}s"
-            assert json.loads((root / ".secretfs/health").read_text())["status"] == "ok"
+            # (says so once the change follower has met the hang; answers at once either way)
+            assert json.loads((root / ".secretfs/health").read_text())["status"] in (
+                "ok", "backend unavailable")
 
         assert_reads_within(file("warm"), names["warm"], bound=5.0)  # now cached
 

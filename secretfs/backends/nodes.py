@@ -121,6 +121,14 @@ class Nodes:
             self._closed = True
             self._wake.notify()
 
+    def states(self) -> list[dict[str, object]]:
+        """Each node as this client last found it (no request): address, up or down and why,
+        and whether it is the one asked first."""
+        with self._lock:
+            return [{"address": node.address, "state": "down" if node.down else "up",
+                     "problem": node.problem, "preferred": node is self._preferred}
+                    for node in self.nodes]
+
     def status(self, timeout: float = CHECK_TIMEOUT) -> list[NodeStatus]:
         """Every node's role, asked now and at once (for ``secretfs doctor``): answers within
         *timeout* however many nodes do not."""

@@ -511,6 +511,10 @@ class OpenBaoBackend:
         self._nodes.close()
         self._client.close()
 
+    def node_states(self) -> list[dict[str, Any]]:
+        """Each node as this client last found it, without asking (``.secretfs/health``)."""
+        return self._nodes.states()
+
     def node_status(self) -> list[NodeStatus]:
         """Each node's role now (active, standby, sealed, unreachable…), for ``doctor``."""
         return self._nodes.status()

@@ -257,9 +257,7 @@ async def _follow_changes(filesystem: Any) -> None:
     """Read the backend's change feed and invalidate what changed, here and in the kernel."""
     import trio
 
-    from secretfs.poll import Backoff
-
-    outage = Backoff()  # for its once-per-outage log lines; the feed keeps its own pace
+    outage = filesystem.outage  # for its once-per-outage log lines; the feed keeps its pace
     while True:
         await trio.sleep(CHANGE_POLL_INTERVAL)
         try:

@@ -41,6 +41,7 @@ from secretfs.errors import NotFound, SecretfsError
 from secretfs.fs.tree import STATUS_FOLDER, Kind, Node, Tree, resolve_word
 from secretfs.manager import SecretsManager
 from secretfs.model import SecretMetadata, format_duration
+from secretfs.poll import Backoff
 
 log = logging.getLogger("secretfs.fs")
 
@@ -134,6 +135,7 @@ class SecretsFS(pyfuse3.Operations):
         self._cursor: int | None = None  # position in the backend's change feed
         self._feed_lock: Any = None  # a trio.Lock, made by load_names (inside trio)
         self._background: Any = None  # the daemon's trio nursery, for read-ahead
+        self.outage = Backoff()  # the backend's, as the change follower or poller sees it
         self.read_ahead = True
 
     def run_background_in(self, nursery: Any) -> None:
@@ -414,8 +416,15 @@ class SecretsFS(pyfuse3.Operations):
         if node.name == "stats":
             document = {"fs": self.stats.to_json(), **self._status()}
         else:
-            document = {"status": "ok", "secrets": len(self.tree.index),
-                        "inodes": len(self.tree), "open_files": len(self._files)}
+            document = {"status": "backend unavailable" if self.outage.down else "ok",
+                        "secrets": len(self.tree.index), "inodes": len(self.tree),
+                        "open_files": len(self._files)}
+            if self.outage.down:
+                document["backend_unavailable_since"] = self.outage.since
+                document["backend_problem"] = self.outage.problem
+            nodes = getattr(self.manager.sync.backend, "node_states", None)
+            if nodes is not None:  # a cluster: each node as this host's client sees it
+                document["nodes"] = nodes()
         return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
     @fuse_errors
@@ -517,7 +526,7 @@ class SecretsFS(pyfuse3.Operations):
         from secretfs.poll import MetadataPoller
 
         poller = MetadataPoller(self.manager, known=lambda: set(self.tree.index.names()),
-                                changed=self.changed)
+                                changed=self.changed, outage=self.outage)
         await poller.run(interval)
 
     async def changed(self, names: set[str] | None) -> None:

@@ -108,16 +108,25 @@ async def run_schedule(rotator: Rotator, *, on_change: Callable[[str], None] | N
 
     import trio
 
+    from secretfs.poll import Backoff
+
     log = logging.getLogger("secretfs.rotation")
+    outage = Backoff()
     while True:
         try:
             # Abandoned on cancel: a rotation stuck in a hung backend must not hold up the
             # daemon's shutdown (its persisted state lets the next start resume or roll back).
             results = await trio.to_thread.run_sync(rotator.run_due, abandon_on_cancel=True)
             wake = rotator.next_due
-        except SecretfsError as error:  # the backend is down, say: try again later
-            log.warning("rotation check failed: %s", error)
-            results, wake = [], None
+            outage.succeeded()
+        except SecretfsError as error:
+            # The backend is down, or a cluster is electing a leader (writes refused for a
+            # few seconds): look again soon — 1 s doubling to a minute, jittered — so a
+            # rotation that fell due meanwhile happens right after, not a minute later.
+            if not outage.down:
+                log.warning("rotation check failed: %s", error)
+            outage.failed(error)
+            results, wake = [], rotator.clock() + outage.delay()
         for result in results:
             if on_change is not None:
                 on_change(result.name)

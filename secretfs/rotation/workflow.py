@@ -161,8 +161,9 @@ class Rotator:
             new = self.backend.write_version(name, value, label=Label.PENDING, cas=old or 0)
         except ConflictError:  # another rotation got there first: take its result
             now = self.manager.metadata(name)
-            return self._record(RotationResult(name, "adopted", old, now.current_version),
-                                caller, decision)
+            # (its version may still be pending, its owner finishing it: name that version)
+            winner = now.labels.get(Label.PENDING) or now.current_version
+            return self._record(RotationResult(name, "adopted", old, winner), caller, decision)
         started = self.clock()
         self._save(name, new, RotationStep.CREATED, started)
         return self._apply(name, old, new, secret, key, policy, started, caller, decision,
