@@ -20,12 +20,10 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -90,16 +88,6 @@ def two_hosts(tmp_path: Path, cluster: Cluster, *, ttl: str | None = None,  # no
     """Host A (nodes 0, 1, 2) and host B (nodes 2, 1, 0); B's ttl is *ttl_b* if given."""
     return (host(tmp_path / "host-a", cluster, [0, 1, 2], ttl=ttl),
             host(tmp_path / "host-b", cluster, [2, 1, 0], ttl=ttl_b or ttl))
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    """Mountpoints (short paths outside pytest's tmp tree)."""
-    made = Path(tempfile.mkdtemp(prefix="secretfs-hosts-"))
-    try:
-        yield made
-    finally:
-        shutil.rmtree(made, ignore_errors=True)
 
 
 def value() -> str:
@@ -229,6 +217,19 @@ class Reader(threading.Thread):
         return found
 
 
+def stop_readers(readers: list[Reader], start: float, end: float, during: str) -> list[str]:
+    """Stop *readers*; their problems, and a problem for each that read nothing between
+    *start* and *end* (the window the test is about: *during*)."""
+    for reader in readers:
+        reader.stop()
+    found = []
+    for reader in readers:
+        found.extend(reader.problems())
+        if reader.between(start, end) == 0:
+            found.append(f"host {reader.label}: no cached read ran {during}")
+    return found
+
+
 def log_lines(mount: Mount, *words: str) -> list[str]:
     return [line for line in mount.log_text().splitlines() if any(w in line for w in words)]
 
@@ -319,12 +320,7 @@ def test_leader_sigkill_reads_never_fail_and_puts_resume_after_the_election(
                 problems.append(f"{key}: the new value showed {when} (> {VISIBLE_BOUND:g}s "
                                 "after the put)")
 
-        for reader in readers:
-            reader.stop()
-        for reader in readers:
-            problems.extend(reader.problems())
-            if reader.between(killed_at, elected_at) == 0:
-                problems.append(f"host {reader.label}: no cached read ran during the election")
+        problems.extend(stop_readers(readers, killed_at, elected_at, "during the election"))
         assert mount_a.process.poll() is None and mount_b.process.poll() is None
 
     print(f"\n[sigkill] node-{leader} killed; node-{new_leader} active after "
@@ -490,12 +486,7 @@ def test_whole_cluster_down_serves_stale_then_fresh_again_without_a_remount(
         restarting = time.monotonic()
         leader = cluster.restart_all()
         restarted_at = time.monotonic()
-        for reader in readers:
-            reader.stop()
-        for reader in readers:
-            problems.extend(reader.problems())
-            if reader.between(stopped_at, restarting) == 0:
-                problems.append(f"host {reader.label}: no cached read ran in the outage")
+        problems.extend(stop_readers(readers, stopped_at, restarting, "in the outage"))
 
         # fresh again, same daemons: a new version written after the restart
         new = value()

@@ -7,9 +7,7 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,15 +52,6 @@ def read(path: Path) -> str | None:
         return path.read_text()
     except OSError:
         return None
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    made = Path(tempfile.mkdtemp(prefix="secretfs-test-"))
-    try:
-        yield made
-    finally:
-        shutil.rmtree(made, ignore_errors=True)
 
 
 def test_bao_writes_show_through_the_mount_and_an_outage_is_ridden_out(
