@@ -74,6 +74,7 @@ bench: setup
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/rotation.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/backends.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/fleet.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis .ruff_cache *.egg-info

@@ -469,12 +469,14 @@ class SecretsManager:
             admit()
         slot = _Slot(self._limiter, admit)
         timeout = self.backend_timeout
+        timed_out = False
         try:
             with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
                 return await trio.to_thread.run_sync(
                     partial(function, *args, **kwargs), limiter=slot, abandon_on_cancel=True)
         except trio.TooSlowError:
             self.timeouts += 1
+            timed_out = True
             raise BackendUnavailable(
                 f"the {self._backend_kind()} backend did not answer within {timeout:g}s "
                 f"(reading {_describe(what)})",
@@ -483,7 +485,7 @@ class SecretsManager:
             ) from None
         finally:
             if slot.holding:  # leaving while its thread runs on (timeout or cancellation)
-                self._abandon(what, slot)
+                self._abandon(what, slot, timed_out=timed_out)
 
     def _refuse_if_hung(self, what: tuple[Any, ...]) -> None:
         """Raise BackendUnavailable if *what* is still outstanding from an abandoned read, or
@@ -505,15 +507,19 @@ class SecretsManager:
                 "not returned", "no new request is made until some return; check the backend",
             )
 
-    def _abandon(self, what: tuple[Any, ...], slot: _Slot) -> None:
+    def _abandon(self, what: tuple[Any, ...], slot: _Slot, *, timed_out: bool) -> None:
         import trio
 
         slot.give_back()
         self._abandoned[slot] = (what, trio.current_time())
         self._abandoned_reads[what] += 1
         slot.on_return = partial(self._returned, slot)
-        log.warning("backend request abandoned: %s did not return in time (%d outstanding)",
-                    _describe(what), len(self._abandoned))
+        if timed_out:
+            log.warning("backend request abandoned: %s did not return in time (%d outstanding)",
+                        _describe(what), len(self._abandoned))
+        else:  # its caller was cancelled (the daemon stopping): nothing went wrong
+            log.debug("backend request for %s left to finish: its caller was cancelled",
+                      _describe(what))
 
     def _returned(self, slot: _Slot) -> None:
         """An abandoned thread returned (its result was dropped)."""
@@ -539,8 +545,10 @@ class SecretsManager:
         """Close the backend, unless abandoned calls to it are still running: closing would
         wait for them (the local backend's lock) and the process is about to exit anyway."""
         if self._abandoned:
-            log.warning("not closing the backend: %d abandoned requests are still running",
-                        len(self._abandoned))
+            hung = self.timeouts > 0  # else they were only left behind by a cancellation
+            (log.warning if hung else log.debug)(
+                "not closing the backend: %d abandoned requests are still running",
+                len(self._abandoned))
             return
         self.sync.close()
 

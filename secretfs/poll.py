@@ -113,8 +113,14 @@ class MetadataPoller:
             await self._compare_fingerprints(fingerprints)
 
     async def _compare_fingerprints(self, fingerprints: dict[str, bytes]) -> None:
-        """Report the names whose metadata digest differs from the last pass's (a first look
-        included), and those gone from the listing.
+        """Report the names whose metadata digest differs from the last pass's, and those gone
+        from the listing.
+
+        At a first look at a name there is no last digest: it is reported if the caller does
+        not hold it, or holds its metadata cached (read before this scan, so maybe older); a
+        name the caller holds but has not read since it started is only recorded — whatever
+        it reads next is newer than this scan. So a daemon's first pass costs a reload only of
+        what was opened since it started, not of every name.
 
         A listed name that turns out deleted is reported once, when its digest changes, not at
         every pass. A digest is recorded only once ``changed`` has reloaded its name, so the
@@ -122,7 +128,10 @@ class MetadataPoller:
         the cache without a request.
         """
         known = self._known()
-        report = {name for name, mark in fingerprints.items() if self._prints.get(name) != mark}
+        cached = self.manager.cached_metadata
+        report = {name for name, mark in fingerprints.items()
+                  if (self._prints.get(name) != mark if name in self._prints
+                      else name not in known or cached(name) is not None)}
         report |= known - set(fingerprints)
         if report:
             await self._changed(report)

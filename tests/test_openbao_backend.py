@@ -318,9 +318,13 @@ async def test_a_poll_pass_over_many_secrets_costs_one_request(
             manager.forget(name)
             await manager.metadata(name)
 
-    poller = MetadataPoller(manager, known=lambda: set(names), changed=changed)
-    await poller.poll_once(1)  # the first look: everything is reported (and reloaded)
-    assert reported == [names]
+    opened = {"fleet/s001", "fleet/s002"}
+    for name in opened:  # read since the start: cached before the first scan, maybe older
+        await manager.metadata(name)
+    held = names - {"fleet/s003"}  # the caller does not hold this one yet
+    poller = MetadataPoller(manager, known=lambda: held, changed=changed)
+    await poller.poll_once(1)  # the first look: what may be older than the scan is reported
+    assert reported == [opened | {"fleet/s003"}]
     counted = Counted(backend)
     await poller.poll_once(1)
     assert counted.paths == ["secret/detailed-metadata/", "secret/detailed-metadata/fleet/"]
@@ -329,3 +333,54 @@ async def test_a_poll_pass_over_many_secrets_costs_one_request(
     await poller.poll_once(1)
     assert reported[-1] == {"fleet/s007"}
     assert counted.paths[:2] == ["secret/detailed-metadata/", "secret/detailed-metadata/fleet/"]
+
+
+def test_another_host_learns_a_versions_files_from_metadata_alone(
+        backend: OpenBaoBackend, openbao: OpenBaoServer) -> None:
+    """The writer records each version's keys and sizes in the metadata: a host that did not
+    write it shows its files without reading its value (no value in its memory, no request)."""
+    backend.write_version("single", secrets.token_bytes(33))
+    backend.write_version("pair", {"user": "app", "password": secrets.token_hex(12)})
+    backend.write_version("pair", {"user": "app2", "password": secrets.token_hex(20)})
+    other = OpenBaoBackend(openbao.address, token=openbao.root_token, max_versions=3)
+    try:
+        counted = Counted(other)
+        single = other.read_metadata("single").version_info(1)
+        pair = other.read_metadata("pair")
+        assert counted.paths == ["secret/metadata/single", "secret/metadata/pair"]  # no data
+        assert single is not None and (single.is_map, single.keys, single.sizes) == (
+            False, ("value",), (33,))
+        newest, oldest = pair.version_info(2), pair.version_info(1)
+        assert newest is not None and oldest is not None
+        assert (newest.keys, newest.sizes) == (("user", "password"), (4, 40))
+        assert (oldest.keys, oldest.sizes) == (("user", "password"), (3, 24))
+
+        openbao.bao("kv", "put", "secret/single", "k=vv")  # another tool: no shape recorded
+        counted.paths.clear()
+        outside = other.read_metadata("single").version_info(2)
+        assert outside is not None and (outside.keys, outside.sizes) == (("k",), (2,))
+        assert counted.paths == ["secret/metadata/single", "secret/data/single"]  # read once
+    finally:
+        other.close()
+
+
+def test_recorded_shapes_stay_small(backend: OpenBaoBackend) -> None:
+    """Shapes are kept only for the versions shown (max_versions 3 here) and within
+    SHAPES_MAX bytes: a map with many long keys drops its oldest versions' shapes, which are
+    then read when needed — the metadata never outgrows OpenBao's 64 entries."""
+    from secretfs.backends.openbao import SHAPES_MAX, _shapes_of
+
+    for _ in range(5):
+        backend.write_version("small", secrets.token_bytes(4))
+    kv = backend._get_kv("small")
+    assert kv is not None and sorted(_shapes_of(kv.custom)) == [3, 4, 5]
+
+    wide = {f"key-{index:03d}-" + "k" * 40: secrets.token_hex(4) for index in range(40)}
+    for _ in range(3):
+        backend.write_version("wide", wide)
+    kv = backend._get_kv("wide")
+    assert kv is not None
+    assert len(backend._shapes) > 0 and sorted(_shapes_of(kv.custom)) == [3]  # 2 KB each
+    assert len(kv.custom) < 64 and sum(len(v.encode()) for k, v in kv.custom.items()
+                                       if k.startswith("secretfs.shapes")) <= SHAPES_MAX
+    assert backend.read_metadata("wide").version_info(1).keys == tuple(wide)  # (remembered)

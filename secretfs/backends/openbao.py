@@ -25,6 +25,12 @@ Storage layout, chosen so that ``bao kv get`` / ``bao kv put`` stay useful next 
     secretfs writer is about to store with another label (pending), so readers do not take it
     for such an outside write meanwhile. Without the key at all (a secret secretfs never
     wrote), current is the newest live version and previous the one before.
+  * ``secretfs.shapes``: the key names and sizes of the versions secretfs wrote, as JSON
+    ``{"<version>": <size of a single value> | {"<key>": <size>, …}}`` — what the mount needs
+    to show a version's files, without reading its value. So a host learns a version written
+    by another host from the metadata it polls anyway (no value read, no value in its memory
+    until a process opens it). Kept for the versions shown, at most SHAPES_MAX bytes (the
+    oldest dropped beyond); a version without one (written by ``bao kv put``) is read once.
   * ``secretfs.description``, ``secretfs.rotation`` (RotationPolicy JSON),
     ``secretfs.rotation_state`` (RotationState JSON), ``secretfs.deleted`` (a whole-secret
     soft delete: when, and which versions secretfs soft-deleted in KV with it, so undelete
@@ -83,6 +89,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -129,7 +136,8 @@ if TYPE_CHECKING:
 MARKER = "__secretfs"  # reserved key in KV data: how a single value is encoded
 PREFIX = "secretfs."  # reserved custom_metadata keys
 LABELS_KEY = PREFIX + "labels"
-FIELDS = ("description", "rotation", "rotation_state", "deleted", "tags")
+FIELDS = ("description", "rotation", "rotation_state", "deleted", "tags", "shapes")
+SHAPES_MAX = 4096  # bytes of the shapes field (oldest versions' shapes dropped beyond)
 CUSTOM_VALUE_MAX = 512  # bytes per custom_metadata value (KV's limit)
 CUSTOM_KEY_MAX = 128
 CUSTOM_KEYS_MAX = 64
@@ -194,10 +202,52 @@ def decode_kv(data: Mapping[str, Any]) -> Value:
     return {key: items[key] for key in [*order, *rest]}
 
 
-def _shape(value: Value) -> tuple[bool, tuple[str, ...], tuple[int, ...]]:
+Shape = tuple[bool, tuple[str, ...], tuple[int, ...]]  # (is a map, keys, sizes in bytes)
+
+
+def _shape(value: Value) -> Shape:
     if isinstance(value, bytes):
         return False, ("value",), (len(value),)
     return True, tuple(value), tuple(len(item.encode()) for item in value.values())
+
+
+def _shape_to_json(shape: Shape) -> int | dict[str, int]:
+    is_map, keys, sizes = shape
+    return dict(zip(keys, sizes, strict=True)) if is_map else sizes[0]
+
+
+def _shape_from_json(item: Any) -> Shape | None:
+    if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+        return False, ("value",), (item,)
+    if isinstance(item, dict) and all(isinstance(size, int) and not isinstance(size, bool)
+                                      and size >= 0 for size in item.values()):
+        return True, tuple(item), tuple(item.values())
+    return None  # not ours after all (edited by hand): the version is read instead
+
+
+def _shapes_of(custom: Mapping[str, str]) -> dict[int, Shape]:
+    """The shapes recorded in ``secretfs.shapes`` (see the module docstring)."""
+    text = get_field(custom, "shapes")
+    if not text:
+        return {}
+    try:
+        recorded = json.loads(text)
+        return {int(version): shape for version, item in recorded.items()
+                if (shape := _shape_from_json(item)) is not None}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _set_shapes(custom: dict[str, str], shapes: Mapping[int, Shape]) -> None:
+    """Record *shapes* (newest first), dropping the oldest beyond SHAPES_MAX bytes."""
+    kept = sorted(shapes, reverse=True)
+    while True:
+        text = json.dumps({str(v): _shape_to_json(shapes[v]) for v in kept},
+                          separators=(",", ":"))
+        if len(text.encode()) <= SHAPES_MAX or not kept:
+            break
+        kept.pop()
+    set_field(custom, "shapes", text if kept else None)
 
 
 # -- custom_metadata fields -------------------------------------------------------------------
@@ -309,6 +359,10 @@ class _Kv:
                  json.loads(deleted) if deleted else None)
         kv.labels = kv.effective_labels()
         return kv
+
+    @functools.cached_property
+    def shapes(self) -> dict[int, Shape]:
+        return _shapes_of(self.custom)
 
     def live(self, version: int) -> bool:
         info = self.versions.get(version)
@@ -501,8 +555,7 @@ class OpenBaoBackend:
         self._nodes = Nodes(self.addresses, self._health)
         self._detailed: bool | None = None  # whether the server lists detailed-metadata
         self._index = _RaftIndex()
-        self._shapes: dict[tuple[str, int, str], tuple[bool, tuple[str, ...], tuple[int, ...]]]
-        self._shapes = {}
+        self._shapes: dict[tuple[str, int, str], Shape] = {}
         self._auth = _Auth(
             {"token": token, "token_file": token_file, "approle": approle}, self._login,
         )
@@ -791,15 +844,16 @@ class OpenBaoBackend:
             if response.status_code not in (200, 204):
                 raise self._fail(response, f"write a version of {name!r}")
             version = int(response.json()["data"]["version"])
-            self._record(name, version, label, metadata)
+            self._record(name, version, label, metadata, _shape(value))
             self._remember(name, version, response.json()["data"].get("created_time", ""),
                            value)
             return version
         raise ConflictError(f"too many concurrent writers on {name!r}", "retry later")
 
     def _record(self, name: str, version: int, label: Label,
-                metadata: MetadataUpdate | None) -> None:
-        """After the data write: point *label* at *version*, apply metadata, prune."""
+                metadata: MetadataUpdate | None, shape: Shape) -> None:
+        """After the data write: point *label* at *version*, record its shape, apply metadata,
+        prune."""
 
         def change(kv: _Kv) -> tuple[dict[str, str], dict[Label, int]]:
             labels = kv.effective_labels(exclude=frozenset({version}))
@@ -816,6 +870,9 @@ class OpenBaoBackend:
             custom = dict(kv.custom)
             if metadata is not None:
                 self._apply_metadata(custom, metadata)
+            shown = set(self._visible(kv, labels)) | {version}
+            shapes = {v: s for v, s in _shapes_of(kv.custom).items() if v in shown}
+            _set_shapes(custom, {**shapes, version: shape})
             return custom, labels
 
         self._modify(name, change, own=version, live=False)
@@ -1020,11 +1077,17 @@ class OpenBaoBackend:
             self._shapes.clear()
         self._shapes[(name, version, created)] = _shape(value)
 
-    def _shape_of(self, kv: _Kv, version: int
-                  ) -> tuple[bool, tuple[str, ...], tuple[int, ...]]:
+    def _shape_of(self, kv: _Kv, version: int) -> Shape:
+        """A version's keys and sizes: remembered, recorded in the metadata by the secretfs
+        writer of that version, or — for a version written by another tool — read once."""
         info = kv.versions[version]
         key = (kv.name, version, info.get("created_time", ""))
-        if key not in self._shapes and kv.live(version):
+        if key in self._shapes:
+            return self._shapes[key]
+        recorded = kv.shapes.get(version)
+        if recorded is not None:
+            return recorded
+        if kv.live(version):
             with contextlib.suppress(SecretfsError):
                 self.read_value(kv.name, version)
         return self._shapes.get(key, (False, (), ()))
