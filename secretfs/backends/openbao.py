@@ -1190,7 +1190,10 @@ class OpenBaoBackend:
                         if path.startswith(prefix) or prefix.startswith(path):
                             pending.append(path)
                     elif path.startswith(prefix):
-                        text = json.dumps(details.get(key), sort_keys=True).encode()
+                        # repr, not a sorted json.dumps: the server's JSON has a fixed key
+                        # order (Go sorts map keys), and repr is twice as fast — a pass over
+                        # 200 names is dominated by this loop on the host's side
+                        text = repr(details.get(key)).encode()
                         found[path] = hashlib.blake2b(text, digest_size=16).digest()
                 if len(keys) < LIST_PAGE:
                     break
