@@ -10,8 +10,8 @@ read the metadata again). Every poller runs at the default ``cache.poll_interval
 100× (30 s → 0.3 s), all in one trio nursery. Every HTTP request a host sends is counted, with
 the node it went to: that is what the cluster sees.
 
-Measured, after a warm-up of at least three passes per host (the first pass reloads every name:
-the first look at a name counts as a change):
+Measured, after a warm-up of at least three passes per host (the first pass reloads every name
+whose metadata a host has cached, here all 200: it was read before the scan, so may be older):
 
 - requests/s per manager over a 10 s window, and what that is at the real default interval
   (÷ 100): the load one host puts on the cluster;
@@ -315,16 +315,16 @@ def seed(cluster: Cluster, names: list[str]) -> OpenBaoBackend:
 
 
 def baseline(cluster: Cluster, names: list[str]) -> tuple[float, float]:
-    """Medians on the idle cluster: one host's pass (its fingerprint scan) and one reload of
-    a changed name (its metadata, the new version's value read for its shape)."""
+    """Medians on the idle cluster: one host's pass (its metadata scan) and one reload of a
+    changed name (its metadata, which records the new version's keys and sizes)."""
     probe = OpenBaoBackend(cluster.addresses, token=cluster.root_token)
     try:
         scans, reloads = [], []
         for round_ in range(BASELINE_ROUNDS):
             start = time.perf_counter()
-            probe.scan_fingerprints()
+            probe.scan_metadata()
             scans.append(time.perf_counter() - start)
-            probe._shapes.clear()  # as after a new version: its shape is not known yet
+            probe._shapes.clear()  # as on another host: nothing remembered
             start = time.perf_counter()
             probe.read_metadata(names[round_ % len(names)])
             reloads.append(time.perf_counter() - start)
@@ -359,8 +359,8 @@ async def run_fleet(cluster: Cluster, writer: OpenBaoBackend, names: list[str],
                 await trio.sleep(INTERVAL / 3)
             print(f"  warm-up: {time.monotonic() - warm_from:.1f}s and "
                   f"{len(requests.log) - before} requests until every host had made "
-                  f"{WARMUP_PASSES} passes (the first look at a name counts as a change: a "
-                  f"host's first pass reloads all {len(names)})")
+                  f"{WARMUP_PASSES} passes (a host's first pass reloads the {len(names)} names "
+                  "whose metadata it cached before it)")
 
             cpu = CpuMeter(node_pids(cluster))
             results.start = time.monotonic()

@@ -56,6 +56,7 @@ from secretfs.model import (
 
 if TYPE_CHECKING:
     from secretfs.access.policy import AccessPolicy, PolicyEngine
+    from secretfs.backends.base import Scanned
     from secretfs.cache import Cached, ValueCache
     from secretfs.config import Config, RotationSettings
     from secretfs.rotation.workflow import RotationResult, Rotator, Validator
@@ -723,12 +724,18 @@ class SecretsManager:
         backend = self.sync.backend
         return await self._ask(("names",), getattr(backend, "scan_names", backend.list_names))
 
-    async def scan_fingerprints(self) -> dict[str, bytes] | None:
-        """Every name that may be a live secret with a digest of its metadata, if the backend
-        can list them together (its optional ``scan_fingerprints``: OpenBao's detailed-metadata
-        LIST); else None. For the poller: one request per folder instead of one per name."""
-        scan = getattr(self.sync.backend, "scan_fingerprints", None)
+    async def scan_metadata(self) -> dict[str, Scanned] | None:
+        """Every name that may be a live secret with a digest of its metadata (and the metadata
+        as listed), if the backend can list them together (its optional ``scan_metadata``:
+        OpenBao's detailed-metadata LIST); else None. For the poller: one request per folder
+        instead of one per name."""
+        scan = getattr(self.sync.backend, "scan_metadata", None)
         return None if scan is None else await self._ask(("names",), scan)
+
+    async def listed_metadata(self, name: str, entry: Scanned) -> SecretMetadata | None:
+        """*name*'s metadata from a scan's listing (None: deleted), in a worker thread like
+        every backend call: the backend may need a request for what the listing lacks."""
+        return await self._ask(("metadata", name), entry.metadata)
 
     async def info(self, name: str, *, caller: Caller | None = None) -> SecretMetadata:
         validate_name(name)

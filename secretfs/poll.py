@@ -8,8 +8,9 @@ drops its caches and tells the kernel). What a pass costs the backend, per host,
 docs/scaling.md budgets:
 
 - **by fingerprints**, when the backend lists names with a digest of their metadata
-  (``scan_fingerprints``; OpenBao's ``LIST detailed-metadata``): one request per folder and
-  1,000 names, however many secrets there are;
+  (``scan_metadata``; OpenBao's ``LIST detailed-metadata``): one request per folder and
+  1,000 names, however many secrets there are — and the listing carries each secret's metadata,
+  which fills the cache for the names the mount holds;
 - else **by reading each name's metadata**: the listing plus one read per secret, spread evenly
   over the interval (HashiCorp Vault, which has no detailed-metadata listing).
 
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from secretfs.errors import NotFound, SecretfsError
 
 if TYPE_CHECKING:
+    from secretfs.backends.base import Scanned
     from secretfs.manager import SecretsManager
     from secretfs.model import SecretMetadata
 
@@ -106,13 +108,13 @@ class MetadataPoller:
     async def poll_once(self, interval: float) -> None:
         """One pass: by fingerprints when the backend lists them (a few requests, at once),
         else by reading each name's metadata (spread over *interval*)."""
-        fingerprints = await self.manager.scan_fingerprints()
-        if fingerprints is None:
+        scanned = await self.manager.scan_metadata()
+        if scanned is None:
             await self._read_each(interval)
         else:
-            await self._compare_fingerprints(fingerprints)
+            await self._compare_fingerprints(scanned)
 
-    async def _compare_fingerprints(self, fingerprints: dict[str, bytes]) -> None:
+    async def _compare_fingerprints(self, scanned: dict[str, Scanned]) -> None:
         """Report the names whose metadata digest differs from the last pass's, and those gone
         from the listing.
 
@@ -125,21 +127,24 @@ class MetadataPoller:
         A listed name that turns out deleted is reported once, when its digest changes, not at
         every pass. A digest is recorded only once ``changed`` has reloaded its name, so the
         cached metadata of a name whose digest did not change is current: it is renewed in
-        the cache without a request.
+        the cache without a request. A held name with nothing cached gets the metadata the
+        listing carried, so its first open costs one request (the value), as a direct read of
+        the service would. (A version another tool wrote has no recorded keys and sizes: the
+        backend reads it once for them.)
         """
         known = self._known()
         cached = self.manager.cached_metadata
-        report = {name for name, mark in fingerprints.items()
-                  if (self._prints.get(name) != mark if name in self._prints
+        report = {name for name, entry in scanned.items()
+                  if (self._prints.get(name) != entry.fingerprint if name in self._prints
                       else name not in known or cached(name) is not None)}
-        report |= known - set(fingerprints)
+        report |= known - set(scanned)
         if report:
             await self._changed(report)
-        self._prints = dict(fingerprints)
+        self._prints = {name: entry.fingerprint for name, entry in scanned.items()}
         cache = self.manager.cache
-        for name in fingerprints.keys() - report:
+        for name in sorted((scanned.keys() - report) & known):
             if cache.wants(name, "metadata"):
-                current = self.manager.cached_metadata(name)
+                current = cached(name) or await self.manager.listed_metadata(name, scanned[name])
                 if current is not None:
                     await cache.get_or_load(name, "metadata", partial(_ready, current))
 

@@ -248,6 +248,12 @@ class Counted:
         backend._client.request = counted  # type: ignore[method-assign]
 
 
+def fingerprints(backend: OpenBaoBackend, prefix: str = "") -> dict[str, bytes] | None:
+    scanned = backend.scan_metadata(prefix)
+    return None if scanned is None else {name: entry.fingerprint
+                                         for name, entry in scanned.items()}
+
+
 def test_fingerprints_cost_a_request_per_folder_and_follow_every_change(
         backend: OpenBaoBackend, openbao: OpenBaoServer, monkeypatch: pytest.MonkeyPatch) -> None:
     import secretfs.backends.openbao as module
@@ -255,23 +261,23 @@ def test_fingerprints_cost_a_request_per_folder_and_follow_every_change(
     for name in ("app/a", "app/b", "app/sub/c", "top"):
         backend.write_version(name, secrets.token_bytes(8))
     counted = Counted(backend)
-    prints = backend.scan_fingerprints()
+    prints = fingerprints(backend)
     assert prints is not None and set(prints) == {"app/a", "app/b", "app/sub/c", "top"}
     assert sorted(counted.paths) == ["secret/detailed-metadata/",
                                      "secret/detailed-metadata/app/",
                                      "secret/detailed-metadata/app/sub/"]
-    assert set(backend.scan_fingerprints("app/") or {}) == {"app/a", "app/b", "app/sub/c"}
+    assert set(backend.scan_metadata("app/") or {}) == {"app/a", "app/b", "app/sub/c"}
     monkeypatch.setattr(module, "LIST_PAGE", 1)  # a page per name: the same answer
-    assert backend.scan_fingerprints() == prints
+    assert fingerprints(backend) == prints
     monkeypatch.undo()
 
     def changed_by(change: object) -> set[str]:
-        before = backend.scan_fingerprints() or {}
-        after = backend.scan_fingerprints() or {}
+        before = fingerprints(backend) or {}
+        after = fingerprints(backend) or {}
         assert after == before  # nothing changes by itself
         assert callable(change)
         change()
-        after = backend.scan_fingerprints() or {}
+        after = fingerprints(backend) or {}
         return {name for name in after.keys() | before.keys()
                 if after.get(name) != before.get(name)}
 
@@ -281,7 +287,10 @@ def test_fingerprints_cost_a_request_per_folder_and_follow_every_change(
     assert changed_by(lambda: backend.update_labels("app/a", {Label.PREVIOUS: None})) == {"app/a"}
     assert changed_by(lambda: openbao.bao("kv", "put", "secret/top", "k=v")) == {"top"}
     assert changed_by(lambda: backend.delete("top")) == {"top"}  # still listed, print changed
-    assert "top" in (backend.scan_fingerprints() or {})
+    assert "top" in (fingerprints(backend) or {})
+    listed = backend.scan_metadata() or {}
+    assert listed["top"].metadata() is None  # deleted: nothing to serve from the listing
+    assert listed["app/a"].metadata() == backend.read_metadata("app/a")  # as a read gives it
 
 
 def test_fingerprints_are_none_where_the_server_has_no_detailed_listing(
@@ -295,8 +304,8 @@ def test_fingerprints_are_none_where_the_server_has_no_detailed_listing(
         return Response(404, b'{"data":null,"warnings":["Invalid path for a versioned K/V '
                              b'secrets engine. See the API docs ..."]}')
     backend._request = vault  # type: ignore[method-assign]
-    assert backend.scan_fingerprints() is None
-    assert backend.scan_fingerprints() is None and len(asked) == 1  # asked once, remembered
+    assert backend.scan_metadata() is None
+    assert backend.scan_metadata() is None and len(asked) == 1  # asked once, remembered
 
 
 async def test_a_poll_pass_over_many_secrets_costs_one_request(
@@ -333,6 +342,13 @@ async def test_a_poll_pass_over_many_secrets_costs_one_request(
     await poller.poll_once(1)
     assert reported[-1] == {"fleet/s007"}
     assert counted.paths[:2] == ["secret/detailed-metadata/", "secret/detailed-metadata/fleet/"]
+
+    # The listing carried every secret's metadata: the held names are cached from it, so a
+    # first read of any costs one request — its value.
+    assert all(manager.cached_metadata(name) is not None for name in held)
+    counted.paths.clear()
+    assert await manager.resolve("secretfs://fleet/s050") is not None
+    assert counted.paths == ["secret/data/fleet/s050"]
 
 
 def test_another_host_learns_a_versions_files_from_metadata_alone(
@@ -384,3 +400,28 @@ def test_recorded_shapes_stay_small(backend: OpenBaoBackend) -> None:
     assert len(kv.custom) < 64 and sum(len(v.encode()) for k, v in kv.custom.items()
                                        if k.startswith("secretfs.shapes")) <= SHAPES_MAX
     assert backend.read_metadata("wide").version_info(1).keys == tuple(wide)  # (remembered)
+
+
+async def test_the_poller_learns_what_another_tool_wrote_once(
+        backend: OpenBaoBackend, openbao: OpenBaoServer) -> None:
+    """A version `bao kv put` wrote has no recorded keys and sizes: the first pass that caches
+    its metadata reads it once for them; after that a first open is one request."""
+    from secretfs.cache import TtlCache
+    from secretfs.manager import SecretsManager, SyncSecretsManager
+    from secretfs.poll import MetadataPoller
+
+    openbao.bao("kv", "put", "secret/outside", "password=" + secrets.token_hex(8))
+    manager = SecretsManager(SyncSecretsManager(backend),
+                             cache=TtlCache(ttl=3600, max_size=100, max_stale=0))
+
+    async def changed(changes: set[str]) -> None:
+        raise AssertionError(f"nothing changed, nothing held was cached: {changes}")
+
+    poller = MetadataPoller(manager, known=lambda: {"outside"}, changed=changed)
+    counted = Counted(backend)
+    await poller.poll_once(1)
+    assert counted.paths == ["secret/detailed-metadata/", "secret/data/outside"]
+    assert manager.cached_metadata("outside") is not None
+    counted.paths.clear()
+    await poller.poll_once(1)  # known now: the listing alone
+    assert counted.paths == ["secret/detailed-metadata/"]

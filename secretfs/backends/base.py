@@ -21,10 +21,10 @@ Semantics every backend keeps (the conformance tests check them):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from secretfs.errors import ConflictError
 from secretfs.model import Label, RotationPolicy, RotationState, SecretMetadata, Value
@@ -54,6 +54,15 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
 ``capabilities``. The manager, daemon and CLI look here instead of at ``kind`` so a plugin is
 treated by what it declares, and the conformance suite (secretfs.testing) checks each declared
 capability — and, for each missing one, the behaviour its meaning promises instead."""
+
+
+class Scanned(NamedTuple):
+    """One name in a backend's ``scan_metadata`` (see Backend)."""
+
+    fingerprint: bytes  # changes whenever the secret's metadata does
+    # its metadata from the listing (None: deleted); blocking, as any backend call — it may
+    # need a request for what the listing lacks
+    metadata: Callable[[], SecretMetadata | None]
 
 
 @dataclass(frozen=True)
@@ -160,9 +169,10 @@ class Backend(Protocol):
         ...
 
     # Optional, for the metadata poller of a backend without a change feed (secretfs/poll.py):
-    # - ``scan_fingerprints(prefix="") -> dict[str, bytes] | None``: every name that *may* be a
+    # - ``scan_metadata(prefix="") -> dict[str, Scanned] | None``: every name that *may* be a
     #   live secret (deleted ones may be included), each with a digest that changes whenever its
-    #   metadata does, in a few requests (not one per name); None when the service cannot;
+    #   metadata does and its metadata as listed (Scanned), in a few requests (not one per
+    #   name); None when the service cannot;
     # - ``scan_names(prefix="") -> list[str]``: those names alone, when that is much cheaper than
     #   list_names (the poller then reads each name's metadata, which tells deleted ones apart).
 

@@ -100,11 +100,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from secretfs.backends.base import MetadataUpdate, check_write
+from secretfs.backends.base import MetadataUpdate, Scanned, check_write
 from secretfs.backends.http import ConnectError, HttpClient, Response, TransportError
 from secretfs.backends.nodes import ROLES, Node, Nodes, NodeStatus
 from secretfs.errors import (
@@ -1153,15 +1154,15 @@ class OpenBaoBackend:
                 names.append(name)
         return names
 
-    def scan_fingerprints(self, prefix: str = "") -> dict[str, bytes] | None:
+    def scan_metadata(self, prefix: str = "") -> dict[str, Scanned] | None:
         """Every KV secret name under *prefix* (soft-deleted ones too), each with a digest of
-        its whole KV metadata — which changes whenever the secret does — from one ``LIST
-        detailed-metadata`` per folder and 1,000 names (OpenBao 2.x), not a request per name.
-        None when the server has no such endpoint (HashiCorp Vault): the poller then reads
-        each name's metadata (secretfs/poll.py)."""
+        its whole KV metadata — which changes whenever the secret does — and its metadata as
+        listed, from one ``LIST detailed-metadata`` per folder and 1,000 names (OpenBao 2.x),
+        not a request per name. None when the server has no such endpoint (HashiCorp Vault):
+        the poller then reads each name's metadata (secretfs/poll.py)."""
         if self._detailed is False:
             return None
-        found: dict[str, bytes] = {}
+        found: dict[str, Scanned] = {}
         start = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
         pending = [start]
         while pending:
@@ -1193,12 +1194,19 @@ class OpenBaoBackend:
                         # repr, not a sorted json.dumps: the server's JSON has a fixed key
                         # order (Go sorts map keys), and repr is twice as fast — a pass over
                         # 200 names is dominated by this loop on the host's side
-                        text = repr(details.get(key)).encode()
-                        found[path] = hashlib.blake2b(text, digest_size=16).digest()
+                        info = details.get(key) or {}
+                        digest = hashlib.blake2b(repr(info).encode(), digest_size=16).digest()
+                        found[path] = Scanned(digest, partial(self._listed_metadata, path, info))
                 if len(keys) < LIST_PAGE:
                     break
                 after = keys[-1]
         return found
+
+    def _listed_metadata(self, name: str, info: dict[str, Any]) -> SecretMetadata | None:
+        """*name*'s metadata from its listing entry (None: deleted). No request, unless a
+        version written by another tool has no recorded keys and sizes: it is read once."""
+        kv = _Kv.parse(name, info)
+        return None if kv.deleted_marker is not None else self._metadata(kv)
 
     def scan_names(self, prefix: str = "") -> list[str]:
         """Every KV secret name under *prefix*, soft-deleted ones included: the LISTs alone
