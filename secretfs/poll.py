@@ -137,8 +137,20 @@ class MetadataPoller:
         report = {name for name, entry in scanned.items()
                   if (self._prints.get(name) != entry.fingerprint if name in self._prints
                       else name not in known or cached(name) is not None)}
-        report |= known - set(scanned)
+        gone = set()
+        for name in sorted(known - set(scanned)):
+            # Confirmed before anything is dropped: a node that is stopping can answer a
+            # listing with less than there is, and dropping a name's cache on its word would
+            # leave nothing to serve in the outage that follows (BackendUnavailable here ends
+            # the pass with nothing changed).
+            try:
+                await self.manager.fresh_metadata(name)
+            except NotFound:
+                gone.add(name)
+        report |= gone
         if report:
+            log.info("metadata changed in the backend: %d secret(s), %d of them gone "
+                     "(%d listed)", len(report), len(gone), len(scanned))
             await self._changed(report)
         self._prints = {name: entry.fingerprint for name, entry in scanned.items()}
         cache = self.manager.cache

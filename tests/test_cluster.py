@@ -129,3 +129,42 @@ def test_leader_sigkill_fails_over(cluster: Cluster) -> None:  # noqa: F811
         client.close()
 
 
+
+
+def test_a_frozen_leader_costs_a_read_at_most_one_request_timeout(
+        cluster: Cluster) -> None:  # noqa: F811
+    """SIGSTOP of the active node (a hung VM, not a dead one: connections open, nothing
+    answers). Every read still returns within the request timeout — through a standby, from
+    its own copy when no node can answer at this process's Raft index — and writes resume
+    once a new leader is elected."""
+    import signal
+
+    leader = cluster.leader()
+    order = [cluster.addresses[leader]] + [a for i, a in enumerate(cluster.addresses)
+                                           if i != leader]
+    timeout = 3.0
+    writer = OpenBaoBackend(order, token=cluster.root_token, timeout=timeout)  # has an index
+    reader = OpenBaoBackend(list(reversed(order)), token=cluster.root_token, timeout=timeout)
+    process = cluster.nodes[leader]._process
+    assert process is not None
+    try:
+        value = secrets.token_bytes(12)
+        writer.write_version("db", value)
+        assert eventually(lambda: _try(lambda: reader.read_value("db", 1)) == value)
+        process.send_signal(signal.SIGSTOP)
+        timings = []
+        for client in (writer, reader, writer, reader):
+            started = time.monotonic()
+            assert client.read_value("db", 1) == value
+            timings.append(time.monotonic() - started)
+        assert max(timings) <= timeout + 0.3, timings
+        new_leader = cluster.wait_for_leader(exclude=[leader], timeout=ELECTION_BOUND)
+        written = eventually(lambda: _try(lambda: writer.write_version("db", b"after")),
+                             timeout=ELECTION_BOUND, interval=0.2)
+        assert written == 2, _seen
+        print(f"\nfrozen leader: reads took {', '.join(f'{t:.2f}s' for t in timings)}; "
+              f"node-{new_leader} active; a write went through")
+    finally:
+        process.send_signal(signal.SIGCONT)
+        writer.close()
+        reader.close()

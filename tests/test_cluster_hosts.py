@@ -48,6 +48,10 @@ SLACK = 1.0
 READ_BOUND = REQUEST_TIMEOUT + SLACK  # an uncached read after a SIGKILL, or its EIO in an outage
 POLL = 1.0  # cache.poll_interval
 VISIBLE_BOUND = POLL + 1.5  # a write made through one host's CLI shows on both mounts
+# After a full outage: the poller has backed off (1 s, 2 s, 4 s…), and nodes finish unsealing
+# and catching up at different moments, so the first reads after the restart may still meet a
+# sealed node; "fresh again without a remount" within this.
+RECOVERY_BOUND = 10.0
 PUT_BOUND = 10.0  # a put succeeds this soon after the new leader is reported
 ELECTION_BOUND = 30.0
 ROTATE_EVERY = 12  # seconds: long enough to mount both hosts before the rotation falls due
@@ -498,12 +502,12 @@ def test_whole_cluster_down_serves_stale_then_fresh_again_without_a_remount(
             seen = first_seen(
                 {label: (lambda m=mount: read(m.path / "warm/latest/value") == new)
                  for label, mount in mounts.items()},
-                dict.fromkeys(mounts, result.done_at), VISIBLE_BOUND + 10)
+                dict.fromkeys(mounts, result.done_at), RECOVERY_BOUND + 10)
             for label, took in seen.items():
-                if took is None or took > VISIBLE_BOUND:
+                if took is None or took > RECOVERY_BOUND:
                     problems.append(f"host {label}: the value written after the restart "
                                     f"showed {'-' if took is None else f'after {took:.2f}s'} "
-                                    f"(> {VISIBLE_BOUND:g}s)")
+                                    f"(> {RECOVERY_BOUND:g}s)")
             for label, mount in mounts.items():
                 if "user.secretfs.stale" in os.listxattr(mount.path / "warm/latest/value"):
                     problems.append(f"host {label}: still marked stale after the restart")
@@ -513,6 +517,11 @@ def test_whole_cluster_down_serves_stale_then_fresh_again_without_a_remount(
         for label, mount in mounts.items():
             if mount.process.poll() is not None:
                 problems.append(f"host {label}: the daemon exited")
+        if problems:  # what the daemons said about it (values redacted)
+            for label, mount in mounts.items():
+                said = log_lines(mount, "WARNING", "ERROR", "backend", "metadata changed")[-15:]
+                problems.append(f"host {label} log: "
+                                + redact(" | ".join(said), warm, cold, new)[:3000])
 
     print(f"\n[outage] stop_all {stopped_at - stopping:.2f}s; cached reads in the outage "
           + ", ".join(f"{k} {v:.3f}s" for k, v in outage_reads.items())

@@ -100,3 +100,31 @@ async def test_a_poll_renews_cached_metadata_past_its_ttl(tmp_path: Path) -> Non
     renewed = cache.peek("db", "metadata")
     assert renewed is not None and not renewed.stale and renewed.loaded_at == clock.now
     filesystem.manager.close()
+
+
+async def test_the_kernel_drops_a_changed_files_pages_off_the_request_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropping an inode's pages waits for a page lock that a read in flight holds until the
+    daemon's request thread answers it: called on that thread, the daemon would deadlock on
+    itself (seen under a reader loop). It must run in a worker thread."""
+    import threading
+
+    import pyfuse3
+
+    from secretfs.access.callers import CallerCache
+    from secretfs.fs.operations import SecretsFS
+    from secretfs.manager import SecretsManager, SyncSecretsManager
+
+    store = make_store(tmp_path / "s")
+    store.put("db", os.urandom(8).hex())
+    sync = SyncSecretsManager.from_config(load_config(str(store.config)))
+    filesystem = SecretsFS(SecretsManager(sync), CallerCache())
+    await filesystem.load_names()
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode",
+                        lambda inode, attr_only=False: threads.append(threading.current_thread()))
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async", lambda *args, **kwargs: None)
+    monkeypatch.setattr(filesystem.tree, "inodes_of", lambda name: [1234] if name == "db" else [])
+    await filesystem.changed({"db"})
+    assert threads and all(thread is not threading.main_thread() for thread in threads)
+    filesystem.manager.close()

@@ -425,3 +425,19 @@ async def test_the_poller_learns_what_another_tool_wrote_once(
     counted.paths.clear()
     await poller.poll_once(1)  # known now: the listing alone
     assert counted.paths == ["secret/detailed-metadata/"]
+
+
+def test_a_node_without_the_mount_is_not_taken_for_an_empty_one(
+        openbao: OpenBaoServer) -> None:
+    """A node that is sealing or stopping tears its mount table down first and answers 404
+    "no handler for route" for every path: that must not read as "every secret deleted"
+    (the poller would drop every cached value mid-outage). Likewise a misconfigured mount."""
+    wrong = OpenBaoBackend(openbao.address, mount="no-such-mount", token=openbao.root_token)
+    try:
+        for call in (lambda: wrong.read_metadata("db"), lambda: wrong.scan_metadata(),
+                     lambda: wrong.list_names(), lambda: wrong.read_value("db", 1)):
+            with pytest.raises(BackendUnavailable) as caught:
+                call()
+            assert "no no-such-mount/ mount" in str(caught.value)
+    finally:
+        wrong.close()

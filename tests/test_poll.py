@@ -141,3 +141,47 @@ async def test_a_pass_spreads_its_reads_over_the_interval(counting: Counting) ->
     assert time.monotonic() - started >= 0.5
     gaps = [later - earlier for earlier, later in pairwise(moments)]
     assert len(moments) >= 10 and min(gaps) >= 0.03  # ~0.05 s apart, not in one burst
+
+
+class Listing(Counting):
+    """Lists names with a fingerprint of their metadata (like OpenBao's detailed listing);
+    ``hidden`` names are left out of the listing, as a node that is stopping may do."""
+
+    def __init__(self, inner: LocalBackend) -> None:
+        super().__init__(inner)
+        self.hidden: set[str] = set()
+
+    def scan_metadata(self, prefix: str = "") -> dict[str, Any]:
+        from secretfs.backends.base import Scanned
+
+        self.calls["scan_metadata"] += 1
+        found = {}
+        for name in self.inner.list_names(prefix):
+            if name not in self.hidden:
+                metadata = self.inner.read_metadata(name)
+                found[name] = Scanned(repr(metadata).encode(), lambda m=metadata: m)
+        return found
+
+
+async def test_a_name_missing_from_a_listing_is_dropped_only_once_confirmed(
+        tmp_path: Path) -> None:
+    key = LocalMasterKey(secrets.token_bytes(32))
+    backend = Listing(LocalBackend.open(tmp_path / "store.db", key, create=True))
+    try:
+        for name in ("a", "b"):
+            backend.inner.write_version(name, secrets.token_bytes(8))
+        holder = Holder(backend, {"a", "b"})
+        poller = poller_for(holder)
+        await poller.poll_once(0)
+        await holder.manager.metadata("a")  # cached
+        holder.reported.clear()
+
+        backend.hidden.add("a")  # a partial listing: "a" still exists
+        await poller.poll_once(0)
+        assert holder.reported == [] and holder.manager.cached_metadata("a") is not None
+
+        backend.inner.destroy("a")  # now it is gone for real
+        await poller.poll_once(0)
+        assert holder.reported == [{"a"}] and holder.names == {"b"}
+    finally:
+        backend.inner.close()

@@ -72,11 +72,15 @@ How one request uses them:
   node's failure to serve, and the next node is tried;
 - **read-your-writes**: standbys serve reads from their own, possibly a few milliseconds old,
   copy. Each response's ``X-Vault-Index`` (the Raft index the answer reflects) is remembered, and
-  later requests carry the newest with ``X-Vault-Inconsistent: forward-active-node``: a standby
-  that has not caught up with it forwards the request to the active node. So this process never
-  reads older state than it wrote or saw — a label update right after a write sees the write.
-  Should no node satisfy that (an election under way), a read is tried once more without it,
-  accepting a standby's copy: a slightly old answer serves better than none.
+  later reads carry the newest: a node that has not caught up with it answers 429 at once and
+  the next node is asked; when all are behind, they are asked again after 5 ms, doubling (they
+  catch up in milliseconds). So this process never reads older state than it wrote or saw — a
+  label update right after a write sees the write. Should no node get there within half the
+  budget (the active node died or froze right after a write, before the others learnt
+  it was committed), a read is tried once more without the index, accepting a standby's copy:
+  a slightly old answer serves better than none. (Not ``X-Vault-Inconsistent:
+  forward-active-node``: a standby forwarding to a frozen active node was seen to stop
+  answering anything for seconds.)
 
 BackendUnavailable (exit 5) when no node answers.
 
@@ -149,6 +153,8 @@ SHAPE_CACHE_MAX = 10_000
 LIST_PAGE = 1000  # names per LIST of detailed-metadata
 MIN_ATTEMPT_TIMEOUT = 0.5  # seconds one node gets at least, however many are left to try
 MAX_REDIRECTS = 3
+NO_ROUTE = b"no handler for route"  # a 404 from a node that serves no such mount (now)
+FIRST_CATCH_UP_PAUSE = 0.005  # seconds before asking again when every node is behind
 READS = frozenset({"GET", "LIST"})
 # answers after which the next node may do better: redirected (not followed), rate-limited or
 # behind this process's index, failed, sealed or without an active node, gateway problems
@@ -521,10 +527,9 @@ class _RaftIndex:
             if cluster != self._cluster or value > self._value:  # (another cluster: start over)
                 self._header, self._value, self._cluster = header, value, cluster
 
-    def headers(self) -> dict[str, str]:
-        if not self._header:
-            return {}
-        return {"X-Vault-Index": self._header, "X-Vault-Inconsistent": "forward-active-node"}
+    def header(self) -> str:
+        """The ``X-Vault-Index`` to send ("" before any was seen)."""
+        return self._header
 
 
 # -- the backend ------------------------------------------------------------------------------
@@ -587,29 +592,40 @@ class OpenBaoBackend:
     def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
               token: str | None) -> Response:
         """One request, node after node (see the module docstring), within ``timeout``."""
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         headers = {"X-Vault-Token": token} if token else {}
-        consistent = self._index.headers()
-        if not consistent or method not in READS:
-            return self._send_to_nodes(method, path, body, params, {**headers, **consistent},
-                                       deadline)
-        try:
-            response = self._send_to_nodes(method, path, body, params,
-                                           {**headers, **consistent}, deadline)
-            if response.status_code not in TRY_ANOTHER_NODE or time.monotonic() >= deadline:
+        index = self._index.header()
+        if not index or method not in READS:
+            return self._send_to_nodes(method, path, body, params, headers, deadline, "")
+        consistent_until = started + self.timeout / 2  # the rest is the fallback's
+        pause = FIRST_CATCH_UP_PAUSE
+        while True:
+            try:
+                response = self._send_to_nodes(method, path, body, params, headers,
+                                               consistent_until, index)
+            except BackendUnavailable:
+                break
+            if response.status_code not in TRY_ANOTHER_NODE:
                 return response
-        except BackendUnavailable:
-            if time.monotonic() >= deadline:
-                raise
-        # No node could answer at the index this process has seen (an election under way):
-        # a standby's own copy, maybe a little older, serves better than no answer.
-        return self._send_to_nodes(method, path, body, params, headers, deadline)
+            if response.status_code != 429 or time.monotonic() + pause >= consistent_until:
+                break
+            time.sleep(pause)  # every node is behind this index: they catch up in ms
+            pause = min(pause * 2, 0.1)
+        # No node could answer at the index this process has seen (an election under way, or
+        # the active node frozen right after a write): a standby's own copy, maybe a little
+        # older, serves better than no answer.
+        return self._send_to_nodes(method, path, body, params, headers, deadline, "")
 
     def _send_to_nodes(self, method: str, path: str, body: Any,
                        params: Mapping[str, str] | None, headers: Mapping[str, str],
-                       deadline: float) -> Response:
+                       deadline: float, index: str) -> Response:
+        """*method* to one node after another until one answers, within *deadline*. With an
+        *index*, a node is asked for an answer at least that new: a node that is behind says
+        so at once (429) and the next one is asked."""
         order = self._nodes.order()
         last: Response | None = None
+        no_route = False
         problems = []
         for position, node in enumerate(order):
             remaining = deadline - time.monotonic()
@@ -620,9 +636,10 @@ class OpenBaoBackend:
             # to the next node), to answer: a hung node cannot eat the others' time.
             share = min(max(remaining / (len(order) - position), MIN_ATTEMPT_TIMEOUT), remaining)
             until = time.monotonic() + share if method in READS else deadline
+            sent = {**headers, "X-Vault-Index": index} if index else headers
             try:
                 response, node = self._exchange(node, f"{node.address}/v1/{path}", method,
-                                                 body, params, headers, until, share)
+                                                 body, params, sent, until, share)
             except ConnectError as error:  # never reached: safe to try the next node
                 self._nodes.failed(node, str(error))
                 problems.append(str(error))
@@ -639,11 +656,25 @@ class OpenBaoBackend:
                 problems.append(f"{node.address}: HTTP {response.status_code}")
                 last = response
                 continue
+            if response.status_code == 404 and NO_ROUTE in response.content:
+                # Not "no such secret": the node serves no such mount right now — it is
+                # sealing or stopping (its mount table is torn down first), or the mount is
+                # misconfigured. Taken for "not found", it would make a stopping node's
+                # answers look like every secret deleted.
+                problems.append(f"{node.address}: no {self.mount}/ mount (HTTP 404)")
+                no_route = True
+                continue
             self._nodes.answered(node)
             self._index.saw(response)
             return response
         if last is not None:
             return last
+        if no_route:
+            raise BackendUnavailable(
+                f"OpenBao has no {self.mount}/ mount at {', '.join(self.addresses)} "
+                f"({'; '.join(problems)})",
+                "check secrets_manager.backend.mount, or wait for the nodes to finish "
+                "starting (unsealed, a leader elected)")
         raise BackendUnavailable(
             f"OpenBao did not answer at {', '.join(self.addresses)} ({'; '.join(problems)})",
             "check that the server is running and reachable; cached values are used meanwhile",

@@ -218,11 +218,11 @@ async def serve(config_source: str | None, config: Config, mountpoint: Path,
             audit = filesystem.manager.sync.audit
             if hasattr(audit, "run"):  # the log flushes at least every second, and on the way out
                 nursery.start_soon(audit.run)
-            nursery.start_soon(_follow_changes, filesystem)
             nursery.start_soon(_expire_cache, filesystem)
             backend = filesystem.manager.sync.backend
-            if "change_feed" not in getattr(backend, "capabilities", {"change_feed"}):
-                # other hosts write to it and it says nothing: look (cache.poll_interval)
+            if "change_feed" in getattr(backend, "capabilities", {"change_feed"}):
+                nursery.start_soon(_follow_changes, filesystem)
+            else:  # other hosts write to it and it says nothing: look (cache.poll_interval)
                 nursery.start_soon(filesystem.poll_metadata, config.manager.cache.poll_interval)
             if config.manager.rotation.enabled:  # rotate what falls due (rotation/schedule.py)
                 from secretfs.rotation.schedule import run_schedule

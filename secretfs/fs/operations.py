@@ -551,13 +551,26 @@ class SecretsFS(pyfuse3.Operations):
                     self.tree.index.remove(name)
                 except SecretfsError as error:  # the index keeps the name as it was
                     failure = error
-            self._invalidate_kernel(name)
+            await self._invalidate_kernel(name)
         if failure is not None:
             raise failure
 
-    def _invalidate_kernel(self, name: str) -> None:
+    async def _invalidate_kernel(self, name: str) -> None:
+        import trio
+
         for parent, entry in self.tree.entries_of(name):
             pyfuse3.invalidate_entry_async(parent, entry.encode(), ignore_enoent=True)
-        for inode in self.tree.inodes_of(name):
-            with contextlib.suppress(OSError):  # FileNotFoundError: the kernel forgot it
-                pyfuse3.invalidate_inode(inode)
+        inodes = list(self.tree.inodes_of(name))
+        if inodes:
+            # In a worker thread, never on this one: dropping an inode's pages waits for each
+            # page's lock, and a page a process is reading right now stays locked until this
+            # thread answers that read — the daemon would wait on itself for ever (seen: a
+            # reader in a loop while the poller reported its file changed).
+            await trio.to_thread.run_sync(_invalidate_inodes, inodes, abandon_on_cancel=True)
+
+
+def _invalidate_inodes(inodes: list[int]) -> None:
+    """Drop the kernel's attributes and pages of *inodes* (a worker thread: see the caller)."""
+    for inode in inodes:
+        with contextlib.suppress(OSError):  # FileNotFoundError: the kernel forgot it
+            pyfuse3.invalidate_inode(inode)
