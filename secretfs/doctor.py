@@ -608,14 +608,9 @@ def _probe_openbao(context: Context, config: Config) -> Outcome:
             return fail(f"no OpenBao node can serve ({roles})",
                         "unseal the sealed nodes (bao operator unseal, each key holder); start "
                         "the unreachable ones")
+        version = next((node.version for node in serving if node.version), "?")
         # Backend internals on purpose: the same transport, failover and authentication the
         # daemon uses, asked the questions a health check needs.
-        health = backend._send("GET", "sys/health", None,
-                               {"standbyok": "true", "perfstandbyok": "true"}, None)
-        try:
-            version = str(health.json().get("version") or "?")
-        except (ValueError, AttributeError):
-            version = "?"
         try:
             lookup = backend._request("GET", "auth/token/lookup-self")
         except AccessDenied as error:  # an AppRole login refused

@@ -45,6 +45,7 @@ class NodeStatus:
     address: str
     role: str  # a value of ROLES, "unreachable", or "http-<status>" for anything else
     detail: str = ""
+    version: str = ""  # the server's version, as its health endpoint reports it
 
     @property
     def serving(self) -> bool:

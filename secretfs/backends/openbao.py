@@ -587,7 +587,11 @@ class OpenBaoBackend:
         except TransportError as error:
             return NodeStatus(address, "unreachable", str(error))
         status = response.status_code
-        return NodeStatus(address, ROLES.get(status, f"http-{status}"))
+        try:
+            version = str(response.json().get("version") or "")
+        except (ValueError, AttributeError):
+            version = ""
+        return NodeStatus(address, ROLES.get(status, f"http-{status}"), version=version)
 
     def _send(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
               token: str | None) -> Response:
